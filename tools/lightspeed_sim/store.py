@@ -128,8 +128,9 @@ class SimStore:
             if group_id is None:
                 stem = "".join(ch for ch in name if ch.isalnum())[:12] or "Group"
                 group_id = f"{stem}-{self._code(4)}"
-            group = {
-                "id": record_id or self.new_id(),
+            gid = record_id or self.new_id()
+            group: dict[str, Any] = {
+                "id": gid,
                 "name": name,
                 "group_id": group_id,
                 "created_at": now,
@@ -137,7 +138,7 @@ class SimStore:
                 "deleted_at": None,
                 "version": self.new_version(),
             }
-            self.groups[group["id"]] = group
+            self.groups[gid] = group
             return group
 
     # -- customers ---------------------------------------------------------------------------
