@@ -34,9 +34,9 @@ def latest_boundary(now: datetime) -> datetime:
     return boundary if boundary <= now else boundary - timedelta(days=1)
 
 
-def start_simulator(seed: int, customers: int, log_path: Path) -> tuple[subprocess.Popen[str], str]:
+def start_simulator(seed: int, customers: int, now: datetime, log_path: Path) -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "tools.lightspeed_sim", "--port", "0", "--seed", str(seed),
-           "--customers", str(customers), "--token", DEMO_TOKEN]
+           "--customers", str(customers), "--token", DEMO_TOKEN, "--now", now.isoformat()]
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     as_of = latest_boundary(datetime.now(tz=UTC))
     print(f"customer-tier-sync demo: as_of {as_of:%Y-%m-%dT%H:%M:%SZ} (end of the newest daily interval)")
-    sim, sim_url = start_simulator(args.seed, args.customers, logs / "simulator.log")
+    sim, sim_url = start_simulator(args.seed, args.customers, as_of, logs / "simulator.log")
     try:
         print(f"simulator:  {sim_url} (seed {args.seed}, {args.customers} customers)")
         env = airflow_env(sim_url, data_dir)
