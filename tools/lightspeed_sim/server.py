@@ -454,7 +454,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "LightspeedSim/1.0"
+    disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls on keep-alive connections
     server: _HTTPServer
+    _headers_buffer: list[bytes]  # set by BaseHTTPRequestHandler.send_response (not in typeshed)
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -514,9 +516,10 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Type" not in headers:
             self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        # Headers and body in one write (one TCP segment for small answers).
+        self._headers_buffer.append(b"\r\n")
+        self._headers_buffer.append(payload)
+        self.flush_headers()
 
     def _reset(self) -> None:
         """Abort the connection with a TCP RST and no response at all."""
