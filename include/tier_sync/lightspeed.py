@@ -278,6 +278,8 @@ class LightspeedClient:
         *,
         max_rate_limit_waits: int | None = None,
         max_retry_after: float = MAX_RETRY_AFTER,
+        rate_window_seconds: float = WINDOW_SECONDS,
+        low_remaining_fraction: float = LOW_REMAINING_FRACTION,
         backoff_base: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
@@ -299,6 +301,10 @@ class LightspeedClient:
             max(self.max_retries, 8) if max_rate_limit_waits is None else max(0, max_rate_limit_waits)
         )
         self.max_retry_after = float(max_retry_after)
+        # The server's window (5 min on X-Series; short in simulator tests) and when to start pacing
+        # (0 turns header pacing off).
+        self.rate_window_seconds = float(rate_window_seconds)
+        self.low_remaining_fraction = max(0.0, float(low_remaining_fraction))
         self.backoff_base = float(backoff_base)
         self.registers = max(1, int(registers))
         self.budget = budget
@@ -680,12 +686,14 @@ class LightspeedClient:
         if limit is None or limit <= 0:
             limit = store_limit(self.registers)
         self._pacer.last_remaining, self._pacer.last_limit = remaining, limit
-        threshold = max(1, int(limit * LOW_REMAINING_FRACTION))
+        if self.low_remaining_fraction <= 0:
+            return
+        threshold = max(1, int(limit * self.low_remaining_fraction))
         if remaining >= threshold:
             return
         # The server counts one window for every machine; spread what is left over the window, and
         # more slowly the closer we are to zero (one average interval per missing request).
-        interval = WINDOW_SECONDS / limit
+        interval = self.rate_window_seconds / limit
         pause = min(MAX_PACING_PAUSE, interval * (threshold - remaining))
         self._pacer.not_before = max(self._pacer.not_before, self._clock() + pause)
 
