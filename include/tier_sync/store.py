@@ -343,7 +343,9 @@ class OrderStore:
         fresh = _empty_manifest(int(old.get("generation", 0)), int(old.get("next_segment", 1)))
         self._commit(fresh)
 
-    def compact(self, resources: Iterable[str] | None = None, *, collect_garbage: bool = True) -> dict[str, int]:
+    def compact(
+        self, resources: Iterable[str] | None = None, *, collect_garbage: bool = True
+    ) -> dict[str, int]:
         """Merge each resource's segments into one (every distinct (id, version) kept).
 
         The new segment is committed before anything is deleted, so a crash at any point leaves a
