@@ -1,0 +1,659 @@
+"""The data-quality gate: a Great Expectations 1.x suite over the run's master CSV.
+
+Nothing may reach git or the POS unless the master passed this gate. The suite is built in code
+(versioned with the project) and run with the GX core API inside the task, because the Airflow GX
+provider cannot be installed beside Airflow 3.3.2. GX is imported only inside functions (it costs
+~6 s and must stay out of DAG parsing) and its loggers are quieted first (it floods INFO lines).
+
+Row-level checks name the failing customers (their ids, never emails or names); aggregate checks
+compare against the last *validated* run, so one broken run cannot poison the next one's baseline.
+Placeholder emails are reported as a warning, in their own suite, and never fail the run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
+
+from include.tier_sync import fileio
+from include.tier_sync.settings import (
+    ALL_TIERS,
+    BLOOM,
+    EVERGREEN,
+    FIRST_TIME_BUYER,
+    NO_TIER,
+    SEED,
+    SPROUT,
+    TierRules,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from include.tier_sync.runtime import RunPaths
+
+log = logging.getLogger(__name__)
+
+SUITE_NAME = "customer_tier_sync.master"
+WARNINGS_SUITE_NAME = "customer_tier_sync.master.warnings"
+DOCS_SITE_NAME = "tier_sync_data_docs"
+
+# Master CSV columns the gate reads (contracts.md). Email is used only to count shared addresses:
+# no email, name or phone ever enters the GX batch, so none reaches the JSON, Data Docs or alerts.
+CUSTOMER_ID = "Customer ID"
+LIFETIME_VALUE = "Lifetime Value"
+ORDER_COUNT = "Order Count"
+PURCHASES_30D = "Purchases Last 30 Days"
+LOYALTY_MEMBER = "Loyalty Member"
+TIER = "Tier"
+EMAIL = "Email"
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    CUSTOMER_ID,
+    LIFETIME_VALUE,
+    ORDER_COUNT,
+    PURCHASES_30D,
+    LOYALTY_MEMBER,
+    TIER,
+)
+
+# Derived columns added to the batch (the raw string columns stay, so Data Docs show bad values).
+CSV_LINE = "csv_line"
+LTV_CENTS = "lifetime_value_cents"
+ORDERS_INT = "order_count_int"
+P30_INT = "purchases_30d_int"
+RULE_TIER = "rule_tier"
+TIER_CHANGED = "tier_changed"
+HAS_ORDERS_FOR_VALUE = "orders_behind_positive_value"
+EMAIL_SHARED_BY = "email_shared_by"
+
+MAX_EXAMPLES = 5
+_RUN_KEY_RE = re.compile(r"^\d{8}T\d{6}Z$")
+_INT_RE = re.compile(r"^-?\d+$")
+_MONEY_RE = re.compile(r"^-?\d+(\.\d{1,2})?$")
+_QUIET_LOGGERS = ("great_expectations", "great_expectations.data_context.types.base", "altair", "tqdm")
+
+
+class DataQualityError(Exception):
+    """The master CSV failed the gate; `.summary` is the compact, JSON-able result."""
+
+    def __init__(self, summary: Mapping[str, Any]) -> None:
+        self.summary: dict[str, Any] = dict(summary)
+        super().__init__(format_summary(self.summary))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The last validated run before this one: what row-count and tier-change checks compare with."""
+
+    run_key: str | None = None
+    row_count: int | None = None
+    tiers: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# GX import, quietly
+
+
+def quiet_gx_logging() -> None:
+    """Set GX's loggers to WARNING; call before *and* after importing it (one logger pins INFO)."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _import_gx() -> Any:
+    quiet_gx_logging()
+    import great_expectations as gx
+    import great_expectations.data_context.types.base  # sets its own logger to INFO on import
+
+    quiet_gx_logging()
+    return gx
+
+
+# --------------------------------------------------------------------------------------------
+# The suite, in code
+
+
+def _meta(check: str, column: str | None) -> dict[str, Any]:
+    return {"check": check, "column": column}
+
+
+def build_suite(
+    rules: TierRules,
+    previous_row_count: int | None,
+    *,
+    has_previous_tiers: bool = True,
+    name: str = SUITE_NAME,
+) -> Any:
+    """The blocking suite. Each expectation carries `meta.check`, the name used in alerts and XCom.
+
+    `previous_row_count` None (first run) makes the row-count floor 0: there is nothing to wipe.
+    """
+    gx = _import_gx()
+    import great_expectations.expectations as gxe
+
+    if previous_row_count:
+        min_rows = max(1, math.ceil(previous_row_count * (1.0 - rules.max_row_drop_fraction)))
+    else:
+        min_rows = 0
+    ceiling = min(max(float(rules.max_tier_change_fraction), 0.0), 1.0)
+    tier_list = ", ".join(ALL_TIERS)
+    expectations = [
+        gxe.ExpectTableColumnsToMatchSet(
+            column_set=[c for c in REQUIRED_COLUMNS if c != CUSTOMER_ID],
+            exact_match=False,
+            description="The master CSV has the columns the gate checks.",
+            meta=_meta("master_columns_present", None),
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=CUSTOMER_ID,
+            description="Every row has a Customer ID.",
+            meta=_meta("customer_id_present", CUSTOMER_ID),
+        ),
+        gxe.ExpectColumnValuesToBeUnique(
+            column=CUSTOMER_ID,
+            description="No Customer ID appears twice.",
+            meta=_meta("customer_id_unique", CUSTOMER_ID),
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column=TIER,
+            value_set=list(ALL_TIERS),
+            description=f"Tier is one of: {tier_list}.",
+            meta=_meta("tier_allowed", TIER),
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column=LOYALTY_MEMBER,
+            value_set=["true", "false"],
+            description="Loyalty Member is true or false.",
+            meta=_meta("loyalty_member_boolean", LOYALTY_MEMBER),
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=LTV_CENTS,
+            description="Lifetime Value is a number with at most two decimals.",
+            meta=_meta("lifetime_value_numeric", LIFETIME_VALUE),
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=ORDERS_INT,
+            description="Order Count is a whole number.",
+            meta=_meta("order_count_numeric", ORDER_COUNT),
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column=ORDERS_INT,
+            min_value=0,
+            description="Order Count is not negative.",
+            meta=_meta("order_count_non_negative", ORDER_COUNT),
+        ),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column=P30_INT,
+            description="Purchases Last 30 Days is a whole number.",
+            meta=_meta("purchases_30d_numeric", PURCHASES_30D),
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column=P30_INT,
+            min_value=0,
+            description="Purchases Last 30 Days is not negative.",
+            meta=_meta("purchases_30d_non_negative", PURCHASES_30D),
+        ),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A=ORDERS_INT,
+            column_B=P30_INT,
+            or_equal=True,
+            ignore_row_if="either_value_is_missing",
+            description="Purchases Last 30 Days never exceeds Order Count.",
+            meta=_meta("purchases_30d_within_order_count", PURCHASES_30D),
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column=HAS_ORDERS_FOR_VALUE,
+            value_set=[True],
+            description="A positive Lifetime Value comes with at least one order.",
+            meta=_meta("orders_behind_positive_value", ORDER_COUNT),
+        ),
+        gxe.ExpectColumnPairValuesToBeEqual(
+            column_A=TIER,
+            column_B=RULE_TIER,
+            ignore_row_if="either_value_is_missing",
+            description=(
+                "Tier equals the tier its defining rule gives (first match wins): "
+                f"Evergreen LTV >= {rules.evergreen_min_cents / 100:.2f}; Bloom >= {rules.bloom_min_cents / 100:.2f}; "
+                f"Sprout >= {rules.sprout_min_cents / 100:.2f} or >= {rules.sprout_min_purchases_in_window} "
+                "purchases in the window; Seed loyalty member with an order; First Time Buyer an order; "
+                "else None."
+            ),
+            meta=_meta("tier_consistent_with_rule", TIER),
+        ),
+        gxe.ExpectTableRowCountToBeBetween(
+            min_value=min_rows,
+            description=(
+                f"Row count did not drop more than {rules.max_row_drop_fraction:.0%} "
+                f"against the previous validated run ({previous_row_count if previous_row_count is not None else 'none'})."
+            ),
+            meta=_meta("row_count_not_dropped", None) | {"previous_row_count": previous_row_count},
+        ),
+    ]
+    if has_previous_tiers:
+        expectations.append(
+            gxe.ExpectColumnValuesToBeInSet(
+                column=TIER_CHANGED,
+                value_set=[False],
+                mostly=1.0 - ceiling,
+                description=f"At most {ceiling:.0%} of customers change tier in one run.",
+                meta=_meta("tier_change_share", TIER),
+            )
+        )
+    return gx.ExpectationSuite(name=name, expectations=expectations)
+
+
+def build_warning_suite(rules: TierRules, *, name: str = WARNINGS_SUITE_NAME) -> Any:
+    """Reported, never blocking: e.g. one email address on many customers (a placeholder)."""
+    gx = _import_gx()
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
+
+    limit = max(int(rules.placeholder_email_min_customers), 2)
+    return gx.ExpectationSuite(
+        name=name,
+        expectations=[
+            gxe.ExpectColumnValuesToBeBetween(
+                column=EMAIL_SHARED_BY,
+                max_value=limit - 1,
+                severity=FailureSeverity.WARNING,
+                description=f"No email address is shared by {limit} or more customers (a placeholder).",
+                meta=_meta("placeholder_emails", EMAIL),
+            )
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and deriving (pure pandas; no GX)
+
+
+def _money_cents(text: str) -> float:
+    value = text.strip()
+    if not _MONEY_RE.match(value):
+        return math.nan
+    try:
+        dec = Decimal(value)
+    except InvalidOperation:
+        return math.nan
+    return float(int(dec * 100))
+
+
+def _whole(text: str) -> float:
+    value = text.strip()
+    return float(int(value)) if _INT_RE.match(value) else math.nan
+
+
+def read_master(url: str) -> pd.DataFrame:
+    """The master CSV as strings ('None' is a tier, not a null); an empty file is zero rows."""
+    import pandas as pd
+
+    data = fileio.read_bytes(url)
+    if not data.strip():
+        return pd.DataFrame()
+    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+
+
+def _rule_tiers(
+    ltv: pd.Series, orders: pd.Series, p30: pd.Series, loyal: pd.Series, rules: TierRules
+) -> pd.Series:
+    """tier-rules.md, first match wins; None where an input could not be parsed."""
+    import numpy as np
+    import pandas as pd
+
+    conditions = [
+        ltv >= rules.evergreen_min_cents,
+        ltv >= rules.bloom_min_cents,
+        (ltv >= rules.sprout_min_cents) | (p30 >= rules.sprout_min_purchases_in_window),
+        (loyal == "true") & (orders >= 1),
+        orders >= 1,
+    ]
+    choice = np.select(conditions, [EVERGREEN, BLOOM, SPROUT, SEED, FIRST_TIME_BUYER], default=NO_TIER)
+    unknown = ltv.isna() | orders.isna() | p30.isna() | ~loyal.isin(["true", "false"])
+    out = pd.Series(choice, index=ltv.index, dtype=object)
+    out[unknown] = None
+    return out
+
+
+def prepare_frame(
+    raw: pd.DataFrame, previous_tiers: Mapping[str, str] | None, rules: TierRules
+) -> pd.DataFrame:
+    """The GX batch: the checked raw columns plus parsed/derived ones. No PII columns.
+
+    A required column absent from the CSV stays absent here (only Customer ID, the example key,
+    is always present), so the expectations on it fail instead of passing on nulls.
+    """
+    import pandas as pd
+
+    n = len(raw)
+    index = pd.RangeIndex(n)
+
+    def col(name: str) -> pd.Series:
+        if name in raw.columns:
+            return raw[name].astype(str).reset_index(drop=True)
+        return pd.Series([""] * n, index=index, dtype=object)
+
+    ids = col(CUSTOMER_ID).str.strip()
+    frame = pd.DataFrame(index=index)
+    frame[CUSTOMER_ID] = ids.where(ids != "", None).astype(object)
+    for name in (LIFETIME_VALUE, ORDER_COUNT, PURCHASES_30D, LOYALTY_MEMBER, TIER):
+        if name in raw.columns:
+            frame[name] = col(name).astype(object)
+    frame[CSV_LINE] = index + 2  # header is line 1
+    frame[LTV_CENTS] = col(LIFETIME_VALUE).map(_money_cents).astype(float)
+    frame[ORDERS_INT] = col(ORDER_COUNT).map(_whole).astype(float)
+    frame[P30_INT] = col(PURCHASES_30D).map(_whole).astype(float)
+    frame[RULE_TIER] = _rule_tiers(
+        frame[LTV_CENTS], frame[ORDERS_INT], frame[P30_INT], col(LOYALTY_MEMBER), rules
+    )
+    positive = frame[LTV_CENTS] > 0
+    frame[HAS_ORDERS_FOR_VALUE] = (~positive) | (frame[ORDERS_INT] >= 1) | frame[ORDERS_INT].isna()
+    if previous_tiers is not None:
+        # A customer new since the baseline had no tier before ("None").
+        before = ids.map(lambda cid: previous_tiers.get(cid, NO_TIER))
+        frame[TIER_CHANGED] = (col(TIER) != before).astype(bool)
+    else:
+        frame[TIER_CHANGED] = False
+    emails = col(EMAIL).str.strip().str.lower()
+    counts = emails.map(emails[emails != ""].value_counts()).fillna(0).astype(int)
+    frame[EMAIL_SHARED_BY] = counts.where(emails != "", 0).astype(int)
+    return frame
+
+
+def find_baseline(paths: RunPaths) -> Baseline:
+    """The newest run before this one whose master passed validation (failed runs are skipped)."""
+    notes: list[str] = []
+    keys = [k for k in fileio.listdir(paths.runs_dir) if _RUN_KEY_RE.match(k) and k < paths.key]
+    for key in sorted(keys, reverse=True):
+        run_dir = fileio.join(paths.runs_dir, key)
+        master = fileio.join(run_dir, "customer_analytics_master.csv")
+        report = fileio.read_json(fileio.join(run_dir, "validation.json"), default=None)
+        passed = isinstance(report, dict) and bool((report.get("summary") or {}).get("success"))
+        if not passed or not fileio.exists(master):
+            notes.append(
+                f"run {key} skipped as baseline: {'no master CSV' if passed else 'not validated or failed'}"
+            )
+            continue
+        prev = read_master(master)
+        tiers: dict[str, str] = {}
+        if CUSTOMER_ID in prev.columns and TIER in prev.columns:
+            tiers = dict(zip(prev[CUSTOMER_ID].astype(str), prev[TIER].astype(str), strict=True))
+        return Baseline(run_key=key, row_count=len(prev), tiers=tiers, notes=tuple(notes))
+    notes.append("no previous validated run: row-count and tier-change checks compare with nothing and pass")
+    return Baseline(notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def _gx_context(gx: Any, docs_dir: str | None) -> Any:
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    sites: dict[str, Any] = {}
+    if docs_dir is not None:
+        sites[DOCS_SITE_NAME] = {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites=sites,
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+def run_suites(frame: pd.DataFrame, suites: Sequence[Any], docs_dir: str | None) -> list[Any]:
+    """Validate `frame` against each suite in one checkpoint; Data Docs go to `docs_dir` if given."""
+    gx = _import_gx()
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    ctx = _gx_context(gx, docs_dir)
+    batch = (
+        ctx.data_sources.add_pandas("tier_sync")
+        .add_dataframe_asset("master")
+        .add_batch_definition_whole_dataframe("run")
+    )
+    definitions = []
+    for suite in suites:
+        registered = ctx.suites.add(suite)
+        definitions.append(
+            ctx.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{suite.name}.vd", data=batch, suite=registered)
+            )
+        )
+    actions = [UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE_NAME])] if docs_dir else []
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name="customer_tier_sync",
+            validation_definitions=definitions,
+            actions=actions,
+            result_format={
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": [CUSTOMER_ID, CSV_LINE],
+                "partial_unexpected_count": 20,
+            },
+        )
+    )
+    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    by_suite = {vr.suite_name: vr for vr in result.run_results.values()}
+    quiet_gx_logging()
+    return [by_suite[s.name] for s in suites]
+
+
+def _examples(result: Mapping[str, Any]) -> list[str]:
+    """Up to MAX_EXAMPLES distinct customer ids (or 'line N' where the id is blank)."""
+    out: list[str] = []
+    for item in result.get("partial_unexpected_index_list") or []:
+        if not isinstance(item, Mapping):
+            continue
+        cid = item.get(CUSTOMER_ID)
+        label = (
+            str(cid)
+            if cid is not None and str(cid) not in ("", "nan", "None")
+            else f"line {item.get(CSV_LINE)}"
+        )
+        if label not in out:
+            out.append(label)
+        if len(out) >= MAX_EXAMPLES:
+            break
+    return out
+
+
+def _detail(res: Any, frame: pd.DataFrame) -> dict[str, Any]:
+    cfg = res.expectation_config
+    meta = dict(cfg.meta or {})
+    result = dict(res.result or {})
+    detail: dict[str, Any] = {
+        "expectation": meta.get("check") or cfg.type,
+        "type": cfg.type,
+        "column": meta.get("column"),
+        "unexpected_count": int(result.get("unexpected_count") or 0),
+        "examples": _examples(result),
+        "description": getattr(cfg, "description", None),
+    }
+    if "observed_value" in result:
+        detail["observed"] = result["observed_value"]
+    kwargs = cfg.kwargs or {}
+    if detail["expectation"] == "row_count_not_dropped":
+        detail["unexpected_count"] = max(0, int(meta.get("previous_row_count") or 0) - len(frame))
+        detail["min_rows"] = kwargs.get("min_value")
+        detail["previous_row_count"] = meta.get("previous_row_count")
+    if detail["expectation"] == "tier_change_share" and len(frame):
+        detail["share"] = round(float(frame[TIER_CHANGED].mean()), 4)
+        detail["ceiling"] = round(1.0 - float(kwargs.get("mostly", 1.0)), 4)
+    if detail["expectation"] == "tier_consistent_with_rule" and TIER in frame.columns:
+        bad = frame[frame[RULE_TIER].notna() & frame[TIER].notna() & (frame[TIER] != frame[RULE_TIER])]
+        pairs = (bad[TIER].astype(str) + " where the rule gives " + bad[RULE_TIER].astype(str)).value_counts()
+        detail["breakdown"] = {str(k): int(v) for k, v in pairs.head(10).items()}
+    if getattr(res, "exception_info", None) and not result:
+        info = res.exception_info
+        raised = info.get("raised_exception") if isinstance(info, Mapping) else None
+        if raised or not result:
+            detail["error"] = "expectation could not be evaluated (missing column?)"
+    return detail
+
+
+def validate_master(paths: RunPaths, rules: TierRules) -> dict[str, Any]:
+    """Validate the run's master CSV; write the JSON report and Data Docs; raise if it failed.
+
+    Returns the compact summary (for XCom). On failure raises DataQualityError(summary), after the
+    artifacts are written, so the report/log step can always say why.
+    """
+    raw = read_master(paths.run_master_csv)
+    baseline = find_baseline(paths)
+    notes = list(baseline.notes)
+    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
+    if missing:
+        notes.append(f"master CSV lacks columns: {', '.join(missing)}")
+    frame = prepare_frame(raw, baseline.tiers if baseline.run_key else None, rules)
+
+    docs_dir: str | None = None
+    if fileio.is_local(paths.data_docs_dir):
+        docs_dir = fileio.local_path(paths.data_docs_dir)
+        fileio.makedirs(docs_dir)
+    else:
+        notes.append("Data Docs skipped: the data dir is object storage (the JSON report has everything)")
+
+    suites = [
+        build_suite(rules, baseline.row_count, has_previous_tiers=baseline.run_key is not None),
+        build_warning_suite(rules),
+    ]
+    blocking, warning = run_suites(frame, suites, docs_dir)
+
+    order = {(e.meta or {}).get("check"): i for i, e in enumerate(suites[0].expectations)}
+    failed_details = [_detail(r, frame) for r in blocking.results if not r.success]
+    failed_details.sort(key=lambda d: order.get(d["expectation"], len(order)))
+    warnings = [_detail(r, frame) for r in warning.results if not r.success]
+    for w in warnings:
+        if w["expectation"] == "placeholder_emails":
+            shared = frame.loc[
+                frame[EMAIL_SHARED_BY] >= rules.placeholder_email_min_customers, EMAIL_SHARED_BY
+            ]
+            w["addresses"] = int(len(shared.value_counts())) if len(shared) else 0
+            w["message"] = (
+                f"{w['unexpected_count']} customers share {w['addresses']} email address(es) used by "
+                f">= {rules.placeholder_email_min_customers} customers (placeholders?)"
+            )
+    stats = blocking.statistics
+    docs_index = fileio.join(docs_dir, "index.html") if docs_dir else None
+    summary: dict[str, Any] = {
+        "success": bool(blocking.success),
+        "evaluated": int(stats.get("evaluated_expectations", 0)),
+        "successful": int(stats.get("successful_expectations", 0)),
+        "failed": [d["expectation"] for d in failed_details],
+        "failed_details": failed_details,
+        "warnings": warnings,
+        "notes": notes,
+        "row_count": len(frame),
+        "previous_run": baseline.run_key,
+        "previous_row_count": baseline.row_count,
+        "tier_changes": int(frame[TIER_CHANGED].sum()),
+        "run_key": paths.key,
+        "report": paths.run_validation_json,
+        "data_docs": docs_index if docs_index and fileio.exists(docs_index) else None,
+    }
+    report = {
+        "summary": summary,
+        "rules": {
+            "max_row_drop_fraction": rules.max_row_drop_fraction,
+            "max_tier_change_fraction": rules.max_tier_change_fraction,
+            "placeholder_email_min_customers": rules.placeholder_email_min_customers,
+        },
+        "gx": {
+            "blocking": blocking.to_json_dict(),
+            "warnings": warning.to_json_dict(),
+        },
+    }
+    _write_report(paths, report)
+    log.info(
+        "validation %s: %d/%d expectations passed, %d rows, failed=%s, warnings=%d, report=%s",
+        "passed" if summary["success"] else "FAILED",
+        summary["successful"],
+        summary["evaluated"],
+        summary["row_count"],
+        summary["failed"],
+        len(warnings),
+        paths.run_validation_json,
+    )
+    for w in warnings:
+        log.warning(
+            "validation warning %s: %s; examples %s", w["expectation"], w.get("message"), w["examples"]
+        )
+    if not summary["success"]:
+        raise DataQualityError(summary)
+    return summary
+
+
+def _write_report(paths: RunPaths, report: Mapping[str, Any]) -> None:
+    """Per-run JSON, plus validation/latest.json unless a newer run already wrote it (backfills)."""
+    fileio.write_json(paths.run_validation_json, report)
+    latest = fileio.join(paths.validation_dir, "latest.json")
+    current = fileio.read_json(latest, default=None)
+    current_key = (current.get("summary") or {}).get("run_key") if isinstance(current, dict) else None
+    if current_key is None or str(current_key) <= paths.key:
+        fileio.write_json(latest, report)
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+def format_details(details: Sequence[Mapping[str, Any]], limit: int = 12) -> list[str]:
+    """One line per failed/warned expectation: name, column, count, examples (customer ids only)."""
+    lines: list[str] = []
+    for d in list(details)[:limit]:
+        parts = [f"- {d.get('expectation')}"]
+        if d.get("column"):
+            parts.append(f"[{d['column']}]")
+        parts.append(f"unexpected={d.get('unexpected_count', 0)}")
+        if d.get("expectation") == "row_count_not_dropped":
+            parts.append(
+                f"rows={d.get('observed')} min={d.get('min_rows')} previous={d.get('previous_row_count')}"
+            )
+        if "share" in d:
+            parts.append(f"share={d['share']:.1%} ceiling={d.get('ceiling', 0):.1%}")
+        if d.get("breakdown"):
+            parts.append("(" + "; ".join(f"{k}: {v}" for k, v in d["breakdown"].items()) + ")")
+        if d.get("message"):
+            parts.append(str(d["message"]))
+        if d.get("error"):
+            parts.append(str(d["error"]))
+        if d.get("examples"):
+            parts.append("e.g. " + ", ".join(str(x) for x in d["examples"]))
+        lines.append(" ".join(parts))
+    if len(details) > limit:
+        lines.append(f"- ... and {len(details) - limit} more")
+    return lines
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A readable multi-line message: stats, then each failed expectation with counts and ids."""
+    failed = summary.get("failed_details") or []
+    head = (
+        f"Data validation {'passed' if summary.get('success') else 'FAILED'}: "
+        f"{len(failed)} of {summary.get('evaluated', 0)} expectations failed "
+        f"on {summary.get('row_count', 0)} rows (previous validated run: "
+        f"{summary.get('previous_run') or 'none'}, {summary.get('previous_row_count')} rows)"
+    )
+    lines = [head, *format_details(failed)]
+    if summary.get("warnings"):
+        lines.append("Warnings (not blocking):")
+        lines.extend(format_details(summary["warnings"]))
+    if summary.get("report"):
+        lines.append(f"Report: {summary['report']}")
+    return "\n".join(lines)
