@@ -107,6 +107,10 @@ class StoreError(RuntimeError):
     """The store is unusable (bad manifest, unknown resource, a committed segment missing)."""
 
 
+class ConcurrentWriteError(StoreError):
+    """Another writer committed since this one read its cursor; committing now could lose its data."""
+
+
 class MalformedRecordError(ValueError):
     """An API record the store cannot hold. Names resource, record id and field, never the values."""
 
@@ -255,6 +259,8 @@ class OrderStore:
         if "://" not in text:
             text = os.path.abspath(text)
         self.root = text.rstrip("/") or "/"
+        # The manifest generation this writer last read its cursor from or committed itself.
+        self._seen_generation: int | None = None
 
     def __repr__(self) -> str:
         return f"OrderStore({self.root!r})"
@@ -284,15 +290,37 @@ class OrderStore:
             resources.setdefault(resource, {"cursor": 0, "segments": []})
         return data
 
+    def _manifest_for_write(self) -> dict[str, Any]:
+        """The manifest to build the next commit on, refused when another writer has moved it.
+
+        Optimistic, not a lock (object storage offers no portable compare-and-swap): it catches
+        overlapping writers except within the few milliseconds of one manifest read-then-write.
+        """
+        manifest = self.manifest()
+        generation = int(manifest.get("generation", 0))
+        if self._seen_generation is not None and generation != self._seen_generation:
+            raise ConcurrentWriteError(
+                f"order store {self.root}: another writer committed (generation {self._seen_generation} "
+                f"-> {generation}); run one extraction at a time and retry"
+            )
+        return manifest
+
     def _commit(self, manifest: dict[str, Any]) -> None:
         manifest["generation"] = int(manifest.get("generation", 0)) + 1
         manifest["updated_at"] = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         fileio.write_json(self.manifest_url, manifest)
+        self._seen_generation = manifest["generation"]
 
     def cursor(self, resource: str) -> int:
-        """The version the resource has been read up to; 0 when nothing is stored."""
+        """The version the resource has been read up to; 0 when nothing is stored.
+
+        A writer reads its cursor here; later appends by this instance fail if another writer
+        commits in between.
+        """
         _schema(resource)
-        return int(self.manifest()["resources"][resource]["cursor"])
+        manifest = self.manifest()
+        self._seen_generation = int(manifest.get("generation", 0))
+        return int(manifest["resources"][resource]["cursor"])
 
     def cursors(self) -> dict[str, int]:
         resources = self.manifest()["resources"]
@@ -312,14 +340,15 @@ class OrderStore:
         """
         table = rows if isinstance(rows, pa.Table) else rows_to_table(resource, rows)
         table = table.select(_schema(resource).names).cast(_schema(resource))
-        manifest = self.manifest()
+        seq = int(self._manifest_for_write().get("next_segment", 1))
+        segment = self._write_segment(resource, seq, table) if table.num_rows else None
+        manifest = self._manifest_for_write()
         entry = manifest["resources"][resource]
-        if table.num_rows:
-            seq = int(manifest.get("next_segment", 1))
-            manifest["next_segment"] = seq + 1
-            entry["segments"].append(self._write_segment(resource, seq, table))
+        if segment is not None:
+            manifest["next_segment"] = max(int(manifest.get("next_segment", 1)), seq + 1)
+            entry["segments"].append(segment)
         new_cursor = max(int(entry["cursor"]), int(cursor))
-        if not table.num_rows and new_cursor == int(entry["cursor"]):
+        if segment is None and new_cursor == int(entry["cursor"]):
             return
         entry["cursor"] = new_cursor
         self._commit(manifest)
@@ -352,7 +381,8 @@ class OrderStore:
         readable store. Returns the number of segments merged per resource.
         """
         wanted = list(resources) if resources is not None else list(RESOURCES)
-        manifest = self.manifest()
+        manifest = self._manifest_for_write()
+        based_on = int(manifest.get("generation", 0))
         merged: dict[str, int] = {}
         replaced: list[str] = []
         for resource in wanted:
@@ -367,6 +397,10 @@ class OrderStore:
             replaced += [self.segment_url(resource, s["name"]) for s in segs]
             merged[resource] = len(segs)
         if merged:
+            if int(self.manifest().get("generation", 0)) != based_on:
+                raise ConcurrentWriteError(
+                    f"order store {self.root}: a commit landed during compaction; retry"
+                )
             self._commit(manifest)
             log.info("order store %s: compacted %s", self.root, merged)
         for url in replaced:

@@ -17,6 +17,7 @@ from include.tier_sync import fileio
 from include.tier_sync.store import (
     CUSTOMERS_COLUMNS,
     SALES_COLUMNS,
+    ConcurrentWriteError,
     MalformedRecordError,
     OrderStore,
     StoreError,
@@ -221,6 +222,23 @@ def test_crash_between_segment_write_and_manifest_commit(
     assert store.cursor("sales") == 1
     assert store.collect_garbage() == 1
     assert len(segment_files(store)) == 1
+
+
+def test_a_second_writer_is_refused_instead_of_losing_data(store: OrderStore) -> None:
+    store.append("sales", sale_rows(("a", 1)), cursor=1)
+    first, second = OrderStore(store.uri), OrderStore(store.uri)
+    assert first.cursor("sales") == second.cursor("sales") == 1
+    first.append("sales", sale_rows(("b", 2)), cursor=2)
+    with pytest.raises(ConcurrentWriteError, match="another writer committed"):
+        second.append("sales", sale_rows(("b", 2), ("c", 3)), cursor=3)
+    with pytest.raises(ConcurrentWriteError):
+        second.compact()
+    assert keys(store.read("sales")) == {("a", 1), ("b", 2)}
+    assert store.cursor("sales") == 2
+    # Having re-read its cursor, the second writer may go on.
+    assert second.cursor("sales") == 2
+    second.append("sales", sale_rows(("c", 3)), cursor=3)
+    assert keys(store.read("sales")) == {("a", 1), ("b", 2), ("c", 3)}
 
 
 def test_foreign_manifest_is_refused(store: OrderStore) -> None:
