@@ -89,7 +89,8 @@ def extract_orders(
 
     api_after = client.stats.as_dict()
     api = {key: int(api_after.get(key, 0)) - int(api_before.get(key, 0)) for key in api_after}
-    cursors = store.cursors()
+    committed = store.manifest()["resources"]
+    cursors = {r: int(committed[r]["cursor"]) for r, _, _ in FEEDS}
     result: dict[str, Any] = {
         "store": store.uri,
         "cursors": cursors,
@@ -99,7 +100,7 @@ def extract_orders(
         "pages_by_resource": pages,
         "started_from": started_at,
         "full_refresh": bool(full_refresh),
-        "segments": {r: len(store.segments(r)) for r, _, _ in FEEDS},
+        "segments": {r: len(committed[r]["segments"]) for r, _, _ in FEEDS},
         "compacted": compacted,
     }
     log.info(
