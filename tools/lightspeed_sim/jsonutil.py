@@ -7,56 +7,27 @@ the wire would already be wrong, so the encoder writes Decimal values verbatim.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-_encode_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+# Decimals go through the C encoder as marked strings, then the marks are replaced by the bare
+# digits: exact text, at C-encoder speed (a 1000-sale page is ~3 MB of JSON).
+_MARK = "\x00D"
+_MARKED = re.compile(r'"\\u0000D(-?[0-9]+(?:\.[0-9]+)?)\\u0000"')
 
 
 def dumps(obj: Any) -> str:
-    """Serialise `obj` to compact JSON, writing Decimal values exactly (no exponent, no float)."""
-    parts: list[str] = []
-    _encode(obj, parts)
-    return "".join(parts)
+    """Serialise `obj` to compact ASCII JSON, writing Decimal values exactly (no exponent, no float)."""
+    text = json.dumps(obj, default=_default, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return _MARKED.sub(lambda m: m.group(1), text)
 
 
-def _encode(obj: Any, out: list[str]) -> None:
-    if obj is None:
-        out.append("null")
-    elif obj is True:
-        out.append("true")
-    elif obj is False:
-        out.append("false")
-    elif isinstance(obj, str):
-        out.append(_encode_str(obj))
-    elif isinstance(obj, Decimal):
-        out.append(decimal_text(obj))
-    elif isinstance(obj, int):
-        out.append(str(int(obj)))
-    elif isinstance(obj, float):
-        out.append(json.dumps(obj))
-    elif isinstance(obj, Mapping):
-        out.append("{")
-        first = True
-        for key, value in obj.items():
-            if not first:
-                out.append(",")
-            first = False
-            out.append(_encode_str(str(key)))
-            out.append(":")
-            _encode(value, out)
-        out.append("}")
-    elif isinstance(obj, list | tuple):
-        out.append("[")
-        for i, value in enumerate(obj):
-            if i:
-                out.append(",")
-            _encode(value, out)
-        out.append("]")
-    else:
-        raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Decimal):
+        return f"{_MARK}{decimal_text(obj)}\x00"
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def decimal_text(value: Decimal) -> str:

@@ -6,6 +6,7 @@ retries and timeouts are exercised exactly as against Lightspeed.
 
 from __future__ import annotations
 
+import bisect
 import email.utils
 import hmac
 import logging
@@ -134,6 +135,7 @@ class SimServer:
         self._time = time_source
         self.faults = FaultRegistry(fault_seed)
         self.requests: list[RequestRecord] = []
+        self._index: dict[str, tuple[tuple[int, int, int], list[int], list[dict[str, Any]]]] = {}
         self._requests_lock = threading.Lock()
         self._httpd = _HTTPServer((host, port), _Handler, self)
         self._thread: threading.Thread | None = None
@@ -237,18 +239,43 @@ class SimServer:
 
     # lists ------------------------------------------------------------------------------------
 
-    def _page(self, records: list[dict[str, Any]], query: dict[str, list[str]]) -> Response:
-        after = _int_param(query, "after", 0)
+    def _sorted(self, kind: str, records: dict[str, dict[str, Any]]) -> tuple[list[int], list[dict[str, Any]]]:
+        """Records of one resource in version order, cached until the version counter moves.
+
+        Every write takes a new version from the store, so (counter, size, dict identity) changing
+        is what invalidates the index; big stores then page in O(page) instead of O(store).
+        """
+        key = (id(records), self.store.next_version, len(records))
+        cached = self._index.get(kind)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        ordered = sorted(records.values(), key=lambda r: int(r["version"]))
+        versions = [int(r["version"]) for r in ordered]
+        self._index[kind] = (key, versions, ordered)
+        return versions, ordered
+
+    def _page(
+        self,
+        kind: str,
+        records: dict[str, dict[str, Any]],
+        query: dict[str, list[str]],
+        keep: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> Response:
+        after = _int_param(query, "after", 0) or 0
         before = _int_param(query, "before", None)
         size = _int_param(query, "page_size", self.default_page_size)
         if size is None or size < 1:
             raise _BadRequest("page_size must be a positive integer")
         size = min(size, self.page_cap)
-        eligible = [
-            r for r in records if int(r["version"]) > (after or 0) and (before is None or int(r["version"]) < before)
-        ]
-        eligible.sort(key=lambda r: int(r["version"]))
-        page = eligible[:size]
+        versions, ordered = self._sorted(kind, records)
+        page: list[dict[str, Any]] = []
+        for i in range(bisect.bisect_right(versions, after), len(ordered)):
+            if before is not None and versions[i] >= before:
+                break
+            if keep is None or keep(ordered[i]):
+                page.append(ordered[i])
+                if len(page) >= size:
+                    break
         envelope: dict[str, Any] = {"data": page}
         if page:
             envelope["version"] = {"min": int(page[0]["version"]), "max": int(page[-1]["version"])}
@@ -257,27 +284,24 @@ class SimServer:
         return Response(200, envelope)
 
     def _customers_get(self, *, query: dict[str, list[str]], body: bytes) -> Response:
-        include_deleted = _bool_param(query, "deleted")
-        records = [c for c in self.store.customers.values() if include_deleted or c.get("deleted_at") is None]
-        return self._page(records, query)
+        keep = None if _bool_param(query, "deleted") else _live
+        return self._page("customers", self.store.customers, query, keep)
 
     def _groups_get(self, *, query: dict[str, list[str]], body: bytes) -> Response:
-        include_deleted = _bool_param(query, "deleted")
-        records = [g for g in self.store.groups.values() if include_deleted or g.get("deleted_at") is None]
-        return self._page(records, query)
+        keep = None if _bool_param(query, "deleted") else _live
+        return self._page("groups", self.store.groups, query, keep)
 
     def _sales_get(self, *, query: dict[str, list[str]], body: bytes) -> Response:
         # Deleted sales are included without being asked (the one live capture shows them).
-        return self._page(list(self.store.sales.values()), query)
+        return self._page("sales", self.store.sales, query)
 
     def _members_get(self, group_id: str, *, query: dict[str, list[str]], body: bytes) -> Response:
         self._group_or_404(group_id)
-        records = [
-            c
-            for c in self.store.customers.values()
-            if c.get("customer_group_id") == group_id and c.get("deleted_at") is None
-        ]
-        return self._page(records, query)
+
+        def keep(customer: dict[str, Any]) -> bool:
+            return customer.get("customer_group_id") == group_id and customer.get("deleted_at") is None
+
+        return self._page("customers", self.store.customers, query, keep)
 
     # single records ---------------------------------------------------------------------------
 
@@ -405,6 +429,10 @@ class SimServer:
         except (TypeError, ValueError) as exc:
             return _error(400, str(exc))
         return _error(404, f"no admin route {method} {path}")
+
+
+def _live(record: dict[str, Any]) -> bool:
+    return record.get("deleted_at") is None
 
 
 def _int_param(query: dict[str, list[str]], name: str, default: int | None) -> int | None:
@@ -578,7 +606,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         with sim.store.lock:
-            resp = sim.route(method, sub, query, body)
+            try:
+                resp = sim.route(method, sub, query, body)
+            except Exception:  # a simulator bug must still produce an HTTP answer
+                log.exception("simulator error on %s %s", method, sub)
+                resp = _error(500, "simulator error")
             if fault is not None and fault.kind == "apply_then_500":
                 resp = _error(500, "Internal Server Error")
             # Encode under the lock so a concurrent write cannot change a record mid-serialisation.
