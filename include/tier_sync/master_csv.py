@@ -1,0 +1,284 @@
+"""The master CSV, tier history and tier changes, and the `compute_tiers` task body.
+
+Outputs must be reproducible: a re-run or backfill of a run writes byte-identical files. So the
+CSV holds nothing but the run's as-of view (no wall-clock time), rows are sorted by Customer ID,
+and "Previous Tier" comes from the run folder just before this run's key (not from whatever file
+is newest). The shared "latest" copies are only replaced by a run at least as new as the one that
+wrote them, so a backfill never rolls them back.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from include.tier_sync import fileio
+from include.tier_sync.clv import I64, NAT, US_PER_DAY, as_of_us, compute_customer_metrics
+from include.tier_sync.runtime import iso, run_key, to_utc
+from include.tier_sync.settings import ALL_TIERS, NO_TIER, TierRules
+
+if TYPE_CHECKING:
+    from include.tier_sync.runtime import RunPaths
+
+log = logging.getLogger(__name__)
+
+MASTER_COLUMNS: tuple[str, ...] = (
+    "Customer ID",
+    "Customer Code",
+    "Name",
+    "Email",
+    "Phone",
+    "Lifetime Value",
+    "Order Count",
+    "Avg Order Value",
+    "First Order",
+    "Last Order",
+    "Days Since Last Order",
+    "Purchases Last 30 Days",
+    "Loyalty Member",
+    "Tier",
+    "Previous Tier",
+    "Tier Changed At",
+    "Last Updated",
+)
+CHANGES_COLUMNS: tuple[str, ...] = ("Customer ID", "From", "To", "as_of")
+HISTORY_COLUMNS: tuple[str, ...] = ("as_of", "run_id", "tier", "count")
+MASTER_FILE = "customer_analytics_master.csv"
+_RUN_KEY_RE = re.compile(r"^\d{8}T\d{6}Z$")
+_TEXT_COLUMNS = ("Customer ID", "Customer Code", "Name", "Email", "Phone")
+
+
+class StoreReader(Protocol):
+    """What compute_tiers needs from the order store."""
+
+    def read(self, resource: str) -> pd.DataFrame: ...
+
+
+def format_cents_array(cents: I64) -> np.ndarray[Any, np.dtype[np.object_]]:
+    """Vectorised money.format_cents: -1234 -> "-12.34"."""
+    cents = np.asarray(cents, dtype=np.int64)
+    whole = pd.Series(np.abs(cents) // 100).astype(str)
+    frac = pd.Series(np.abs(cents) % 100).astype(str).str.zfill(2)
+    sign = pd.Series(np.where(cents < 0, "-", ""))
+    return (sign + whole + "." + frac).to_numpy(dtype=object)
+
+
+def div_half_up(num: I64, den: I64) -> I64:
+    """Integer num/den rounded half away from zero (as money.to_cents rounds); den must be > 0."""
+    q = (2 * np.abs(num) + den) // (2 * den)
+    return np.where(num < 0, -q, q).astype(np.int64)
+
+
+def format_us_array(us: I64) -> np.ndarray[Any, np.dtype[np.object_]]:
+    """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ`; NaT as ""."""
+    ts = pd.Series(pd.to_datetime(np.asarray(us, dtype=np.int64), unit="us", utc=True))
+    return ts.dt.strftime("%Y-%m-%dT%H:%M:%SZ").fillna("").to_numpy(dtype=object)
+
+
+def _clean_text(col: pd.Series) -> pd.Series:
+    """Text for the CSV: a bare CR becomes LF.
+
+    Python 3.11's csv writer quotes a field with "\\n" but not one with a lone "\\r" when the line
+    terminator is "\\n"; readers then take that CR for a row break. LF inside quotes is safe.
+    """
+    return (
+        col.astype("str")
+        .fillna("")
+        .str.replace("\r\n", "\n", regex=False)
+        .str.replace("\r", "\n", regex=False)
+    )
+
+
+def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: datetime) -> pd.DataFrame:
+    """The master CSV table (all columns str, MASTER_COLUMNS order, sorted by Customer ID).
+
+    `previous` is the previous run's master (at least Customer ID, Tier, Tier Changed At) or None.
+    Previous Tier is the previous run's tier ("" when the customer was not in it); Tier Changed At
+    is `as_of` when the tier differs from that (a new customer changes only if their tier is not
+    "None"), else carried from the previous row.
+    """
+    as_of_iso = iso(as_of)
+    cut = as_of_us(as_of)
+    m = metrics.sort_values("customer_id", kind="stable", ignore_index=True)
+    ltv = m["lifetime_value_cents"].to_numpy(dtype=np.int64)
+    count = m["order_count"].to_numpy(dtype=np.int64)
+    last = m["last_order_us"].to_numpy(dtype=np.int64)
+    has_order = count > 0
+    avg = np.where(has_order, format_cents_array(div_half_up(ltv, np.maximum(count, 1))), "")
+    days = np.where(last != NAT, ((cut - last) // US_PER_DAY).astype(str), "")
+    tier = m["tier"].astype("str").to_numpy(dtype=object)
+
+    ids = m["customer_id"].astype("str")
+    if previous is not None and len(previous):
+        prev = previous.drop_duplicates("Customer ID", keep="last").set_index("Customer ID")
+        prev_tier = ids.map(prev["Tier"])
+        prev_changed = ids.map(prev["Tier Changed At"])
+    else:
+        prev_tier = pd.Series(pd.NA, index=ids.index, dtype="str")
+        prev_changed = prev_tier.copy()
+    known = prev_tier.notna().to_numpy()
+    prev_tier_arr = prev_tier.fillna("").astype(str).to_numpy(dtype=object)
+    changed = np.where(known, prev_tier_arr != tier, tier != NO_TIER)
+    changed_at = np.where(changed, as_of_iso, prev_changed.fillna("").astype(str).to_numpy(dtype=object))
+
+    out = pd.DataFrame(
+        {
+            "Customer ID": _clean_text(ids),
+            "Customer Code": _clean_text(m["customer_code"]),
+            "Name": _clean_text(m["name"]),
+            "Email": _clean_text(m["email"]),
+            "Phone": _clean_text(m["phone"]),
+            "Lifetime Value": format_cents_array(ltv),
+            "Order Count": count.astype(str),
+            "Avg Order Value": avg,
+            "First Order": format_us_array(m["first_order_us"].to_numpy(dtype=np.int64)),
+            "Last Order": format_us_array(last),
+            "Days Since Last Order": days,
+            "Purchases Last 30 Days": m["purchases_in_window"].to_numpy(dtype=np.int64).astype(str),
+            "Loyalty Member": np.where(m["loyalty_member"].to_numpy(dtype=bool), "true", "false"),
+            "Tier": tier,
+            "Previous Tier": prev_tier_arr,
+            "Tier Changed At": changed_at,
+            "Last Updated": as_of_iso,
+        },
+        columns=list(MASTER_COLUMNS),
+    )
+    return out.astype(object)
+
+
+def tier_changes(master: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
+    """Customers whose tier changed in this run (Tier Changed At == as_of): Customer ID, From, To, as_of."""
+    changed = master.loc[master["Tier Changed At"] == iso(as_of)]
+    return pd.DataFrame(
+        {
+            "Customer ID": changed["Customer ID"].to_numpy(dtype=object),
+            "From": changed["Previous Tier"].to_numpy(dtype=object),
+            "To": changed["Tier"].to_numpy(dtype=object),
+            "as_of": iso(as_of),
+        },
+        columns=list(CHANGES_COLUMNS),
+    )
+
+
+def tier_breakdown(master: pd.DataFrame) -> dict[str, int]:
+    """Customers per tier, every tier present (zeros included), in ALL_TIERS order."""
+    counts = master["Tier"].value_counts()
+    return {t: int(counts.get(t, 0)) for t in ALL_TIERS}
+
+
+def to_csv_bytes(df: pd.DataFrame) -> bytes:
+    """UTF-8, minimal quoting, "\\n" rows: the same frame always gives the same bytes."""
+    text = df.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, encoding="utf-8")
+    return text.encode("utf-8")
+
+
+def read_csv_str(url: str, usecols: list[str] | None = None) -> pd.DataFrame:
+    """A CSV we wrote, every column as str, "None"/"" kept literally."""
+    return pd.read_csv(
+        io.BytesIO(fileio.read_bytes(url)),
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        usecols=usecols,
+        encoding="utf-8",
+    )
+
+
+def previous_run_master(paths: RunPaths) -> str | None:
+    """The master CSV of the run folder with the greatest key below this run's key, if any."""
+    this_key = paths.key
+    for key in sorted((k for k in fileio.listdir(paths.runs_dir) if _RUN_KEY_RE.match(k)), reverse=True):
+        if key >= this_key:
+            continue
+        candidate = fileio.join(paths.runs_dir, key, MASTER_FILE)
+        if fileio.exists(candidate):
+            return candidate
+    return None
+
+
+def upsert_tier_history(url: str, as_of: datetime, run_id: str, breakdown: dict[str, int]) -> pd.DataFrame:
+    """Replace this as_of's rows in tier_history.csv with one row per tier; rows sorted by as_of."""
+    as_of_iso = iso(as_of)
+    rows = pd.DataFrame(
+        {
+            "as_of": as_of_iso,
+            "run_id": run_id,
+            "tier": list(breakdown),
+            "count": [str(v) for v in breakdown.values()],
+        },
+        columns=list(HISTORY_COLUMNS),
+    )
+    if fileio.exists(url):
+        old = read_csv_str(url)
+        old = old.loc[old["as_of"] != as_of_iso, list(HISTORY_COLUMNS)]
+        rows = pd.concat([old, rows], ignore_index=True)
+    rows = rows.sort_values("as_of", kind="stable", ignore_index=True)
+    fileio.write_bytes(url, to_csv_bytes(rows))
+    return rows
+
+
+def compute_tiers(
+    store: StoreReader, paths: RunPaths, identity: dict[str, Any], rules: TierRules
+) -> dict[str, Any]:
+    """Task body of compute_tiers: store -> metrics -> master CSV, changes, history, latest copies.
+
+    Returns the XCom dict of docs/contracts.md (plus `previous_run` and `latest`: whether this run
+    replaced the shared latest copies).
+    """
+    as_of = to_utc(identity.get("as_of") or paths.as_of)
+    if run_key(as_of) != paths.key:
+        raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
+    run_id = str(identity.get("run_id") or "")
+
+    sales = store.read("sales")
+    customers = store.read("customers")
+    metrics = compute_customer_metrics(sales, customers, as_of, rules)
+    del sales, customers
+
+    prev_url = previous_run_master(paths)
+    previous = (
+        read_csv_str(prev_url, usecols=["Customer ID", "Tier", "Tier Changed At"]) if prev_url else None
+    )
+    master = build_master(metrics, previous, as_of)
+    changes = tier_changes(master, as_of)
+    breakdown = tier_breakdown(master)
+
+    master_bytes = to_csv_bytes(master)
+    changes_bytes = to_csv_bytes(changes)
+    fileio.write_bytes(paths.run_master_csv, master_bytes)
+    fileio.write_bytes(paths.run_tier_changes, changes_bytes)
+    upsert_tier_history(paths.tier_history, as_of, run_id, breakdown)
+
+    latest = fileio.read_json(paths.latest_json, default=None) or {}
+    is_latest = not latest.get("as_of") or to_utc(latest["as_of"]) <= as_of
+    if is_latest:
+        fileio.write_bytes(paths.master_csv, master_bytes)
+        fileio.write_bytes(paths.tier_changes, changes_bytes)
+        fileio.write_json(paths.latest_json, {"as_of": iso(as_of), "run_id": identity.get("run_id")})
+
+    log.info(
+        "compute_tiers as of %s: %d customers, %d tier changes, breakdown %s, previous run %s, latest %s",
+        iso(as_of),
+        len(master),
+        len(changes),
+        breakdown,
+        prev_url,
+        is_latest,
+    )
+    return {
+        "as_of": iso(as_of),
+        "master_csv": paths.run_master_csv,
+        "run_dir": paths.run_dir,
+        "total_customers": len(master),
+        "tier_breakdown": breakdown,
+        "changes": len(changes),
+        "previous_run": prev_url,
+        "latest": is_latest,
+    }
