@@ -417,10 +417,16 @@ def _gx_context(gx: Any, docs_dir: str | None) -> Any:
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-def run_suites(frame: pd.DataFrame, suites: Sequence[Any], docs_dir: str | None) -> list[Any]:
-    """Validate `frame` against each suite in one checkpoint; Data Docs go to `docs_dir` if given."""
+def run_suites(
+    frame: pd.DataFrame, suites: Sequence[Any], docs_dir: str | None, run_name: str | None = None
+) -> list[Any]:
+    """Validate `frame` against each suite in one checkpoint; Data Docs go to `docs_dir` if given.
+
+    `run_name` (the run key) names the run in Data Docs and in the JSON results.
+    """
     gx = _import_gx()
     from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.core.run_identifier import RunIdentifier
 
     ctx = _gx_context(gx, docs_dir)
     batch = (
@@ -449,7 +455,8 @@ def run_suites(frame: pd.DataFrame, suites: Sequence[Any], docs_dir: str | None)
             },
         )
     )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    run_id = RunIdentifier(run_name=run_name) if run_name else None
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
     by_suite = {vr.suite_name: vr for vr in result.run_results.values()}
     quiet_gx_logging()
     return [by_suite[s.name] for s in suites]
@@ -500,11 +507,8 @@ def _detail(res: Any, frame: pd.DataFrame) -> dict[str, Any]:
         bad = frame[frame[RULE_TIER].notna() & frame[TIER].notna() & (frame[TIER] != frame[RULE_TIER])]
         pairs = (bad[TIER].astype(str) + " where the rule gives " + bad[RULE_TIER].astype(str)).value_counts()
         detail["breakdown"] = {str(k): int(v) for k, v in pairs.head(10).items()}
-    if getattr(res, "exception_info", None) and not result:
-        info = res.exception_info
-        raised = info.get("raised_exception") if isinstance(info, Mapping) else None
-        if raised or not result:
-            detail["error"] = "expectation could not be evaluated (missing column?)"
+    if not result:  # GX records an expectation it could not evaluate (missing column) this way
+        detail["error"] = "could not be evaluated (missing column?)"
     return detail
 
 
@@ -533,11 +537,16 @@ def validate_master(paths: RunPaths, rules: TierRules) -> dict[str, Any]:
         build_suite(rules, baseline.row_count, has_previous_tiers=baseline.run_key is not None),
         build_warning_suite(rules),
     ]
-    blocking, warning = run_suites(frame, suites, docs_dir)
+    blocking, warning = run_suites(frame, suites, docs_dir, run_name=paths.key)
 
     order = {(e.meta or {}).get("check"): i for i, e in enumerate(suites[0].expectations)}
     failed_details = [_detail(r, frame) for r in blocking.results if not r.success]
     failed_details.sort(key=lambda d: order.get(d["expectation"], len(order)))
+    for d in failed_details:
+        if d["expectation"] == "master_columns_present":
+            d["unexpected_count"] = len(missing)
+            d["message"] = f"missing columns: {', '.join(missing)}"
+            d.pop("error", None)
     warnings = [_detail(r, frame) for r in warning.results if not r.success]
     for w in warnings:
         if w["expectation"] == "placeholder_emails":

@@ -272,7 +272,10 @@ def test_missing_column_fails(tmp_path: Path) -> None:
         "\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != idx) for line in text) + "\n"
     )
     summary = run_failing(paths)
-    assert "master_columns_present" in summary["failed"]
+    assert summary["failed"][0] == "master_columns_present"
+    d = detail(summary, "master_columns_present")
+    assert d["unexpected_count"] == 1 and d["message"] == "missing columns: Tier"
+    assert "tier_allowed" in summary["failed"]
 
 
 def test_failure_summary_is_json_and_artifacts_exist_before_raise(tmp_path: Path) -> None:
