@@ -724,6 +724,7 @@ def _new_result(ref_path: str, batch: Mapping[str, Any]) -> dict[str, Any]:
         "skip_reasons": {},
         "moves_applied": {},
         "changed_in_pos_ids": [],
+        "deleted_ids": [],
         "error_details": [],
         "api": dict.fromkeys(API_KEYS, 0),
     }
@@ -759,6 +760,7 @@ def _write_batch(
             continue
         if not _is_null(record.get("deleted_at")):
             skip_reasons["deleted"] += 1
+            result["deleted_ids"].append(cid)
             continue
         now_group = None if _is_null(record.get("customer_group_id")) else str(record["customer_group_id"])
         if now_group == group_id and cid in attempted:
@@ -818,6 +820,7 @@ def _fallback_per_customer(
             customer = dict(client.get_customer(cid))
             if not _is_null(customer.get("deleted_at")):
                 skip_reasons["deleted"] += 1
+                result["deleted_ids"].append(cid)
                 continue
             now_group = (
                 None if _is_null(customer.get("customer_group_id")) else str(customer["customer_group_id"])
@@ -932,8 +935,8 @@ def build_sync_log(
         "dag_id": identity.get("dag_id"),
         "run_id": identity.get("run_id"),
         "run_type": identity.get("run_type"),
-        "logical_date": identity.get("logical_date"),
-        "as_of": identity.get("as_of"),
+        "logical_date": _iso_or_none(identity.get("logical_date")),
+        "as_of": _iso_or_none(identity.get("as_of")),
         "started_at": started,
         "finished_at": iso(datetime.now(UTC)),
         "dry_run": bool(dry_run),
@@ -970,6 +973,11 @@ def build_sync_log(
         log_doc["group_counts_match"] = group_check.get("group_counts_match")
         log_doc["group_counts"] = group_check.get("group_counts")
     return log_doc
+
+
+def _iso_or_none(value: Any) -> str | None:
+    """Datetimes (and ISO strings) as ISO-8601 UTC 'Z'; None stays None."""
+    return None if value is None else iso(to_utc(value))
 
 
 def _newer_than(a: str | None, b: str | None) -> bool:
@@ -1234,9 +1242,10 @@ def read_expected_members(paths: RunPaths) -> dict[str, list[str]] | None:
 
 
 def left_alone_ids(paths: RunPaths) -> list[str]:
-    """Customers the batches left alone or failed on (excluded from the group-count check)."""
+    """Customers the batches left alone, found deleted, or failed on (out of the group-count check)."""
     _, results = load_batch_results(paths)
     out = [c for r in results for c in r.get("changed_in_pos_ids") or []]
+    out += [c for r in results for c in r.get("deleted_ids") or []]
     out += [str(d.get("customer_id")) for r in results for d in r.get("error_details") or []]
     return sorted(set(out))
 
