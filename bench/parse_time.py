@@ -32,7 +32,8 @@ def empty() -> None:
 empty()
 '''
 
-PROBE = """
+PROBE = (
+    """
 import json, sys, time
 from airflow.models import DagBag
 import airflow.sdk  # warm: the SDK itself is paid by every DAG, ours or empty
@@ -40,8 +41,9 @@ t0 = time.perf_counter()
 bag = DagBag(dag_folder=sys.argv[1])
 elapsed = time.perf_counter() - t0
 print(json.dumps({"seconds": elapsed, "dags": sorted(bag.dags), "errors": list(bag.import_errors),
-                  "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+                  "heavy": [m for m in HEAVY if m in sys.modules]}))
+"""
+).replace("HEAVY", repr(HEAVY), 1)
 
 
 def parse_once(folder: Path, env: dict[str, str]) -> dict:

@@ -35,23 +35,12 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
-from airflow.sdk.exceptions import AirflowFailException
 
 from include.tier_sync import settings
-from include.tier_sync.alerts import TierSyncNotifier
+from include.tier_sync.alerts import failure_notifier
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
-from include.tier_sync.runtime import RunPaths, resolve_as_of, run_identity
 
 DAG_ID = "customer_tier_sync"
-
-
-def _paths() -> RunPaths:
-    """The current run's file locations (as_of from the task context)."""
-    return RunPaths(settings.data_dir(), resolve_as_of(get_current_context()))
-
-
-def _identity() -> dict[str, Any]:
-    return run_identity(get_current_context())
 
 
 @dag(
@@ -70,7 +59,7 @@ def _identity() -> dict[str, Any]:
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=20),
-        "on_failure_callback": [TierSyncNotifier()],
+        "on_failure_callback": [failure_notifier()],
     },
     params={
         "dry_run": Param(
@@ -97,64 +86,43 @@ def _identity() -> dict[str, Any]:
     render_template_as_native_obj=False,
 )
 def customer_tier_sync() -> None:
-    @task
-    def extract_orders(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    # Each task body is one call into include/tier_sync/tasks.py (imported inside the task, so
+    # parsing this file never imports pandas, GX or git).
+
+    @task(max_active_tis_per_dag=1)  # one writer of the order store at a time, backfills included
+    def extract_orders() -> dict[str, Any]:
         """Pull the sales and customer change feeds into the order store."""
-        from include.tier_sync.extract import extract_orders as run_extract
-        from include.tier_sync.lightspeed import LightspeedClient
-        from include.tier_sync.store import OrderStore
+        from include.tier_sync.tasks import extract_task
 
-        client = LightspeedClient.from_connection(settings.LIGHTSPEED_CONN_ID)
-        store = OrderStore(_paths().store)
-        return run_extract(client, store, full_refresh=bool((params or {}).get("full_refresh")))
+        return extract_task(get_current_context())
 
-    @task
-    def compute_tiers(extracted: dict[str, Any]) -> dict[str, Any]:
+    @task(max_active_tis_per_dag=1)  # tier_history.csv is read-modify-write
+    def compute_tiers(extracted: Any) -> dict[str, Any]:
         """CLV and tier of every customer as of the end of the data interval."""
-        from include.tier_sync.master_csv import compute_tiers as run_compute
-        from include.tier_sync.store import OrderStore
+        from include.tier_sync.tasks import compute_task
 
-        paths = _paths()
-        return run_compute(OrderStore(paths.store), paths, _identity(), settings.load_tier_rules())
+        return compute_task(get_current_context())
 
     @task(retries=0)
-    def validate_tiers(computed: dict[str, Any]) -> dict[str, Any]:
+    def validate_tiers(computed: Any) -> dict[str, Any]:
         """Great Expectations gate: a failure fails at once (no retry) and blocks commit and sync."""
-        from include.tier_sync.validation import DataQualityError, validate_master
+        from include.tier_sync.tasks import validate_task
 
-        try:
-            return validate_master(_paths(), settings.load_tier_rules())
-        except DataQualityError as exc:
-            raise AirflowFailException(str(exc)) from exc
+        return validate_task(get_current_context())
 
-    @task(outlets=[MASTER_CSV_ASSET])
-    def commit_csv(computed: dict[str, Any], validated: dict[str, Any]) -> dict[str, Any]:
+    @task(outlets=[MASTER_CSV_ASSET], max_active_tis_per_dag=1)
+    def commit_csv(computed: Any, validated: Any) -> dict[str, Any]:
         """Commit the validated master CSV (and tier history) to the git remote."""
-        from include.tier_sync.git_export import commit_master
+        from include.tier_sync.tasks import commit_task
 
-        paths = _paths()
-        result = commit_master(
-            paths,
-            _identity(),
-            computed,
-            remote=settings.git_remote(),
-            branch=settings.git_branch(),
-            conn_id=settings.GIT_CONN_ID,
-        )
-        get_current_context()["outlet_events"][MASTER_CSV_ASSET].extra = {
-            "path": paths.master_csv,
-            "run_path": paths.run_master_csv,
-            "as_of": computed.get("as_of"),
-            "commit": result.get("commit"),
-        }
-        return result
+        return commit_task(get_current_context(), computed)
 
     @task
-    def plan_sync(committed: dict[str, Any], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def plan_sync(committed: Any) -> list[dict[str, Any]]:
         """Decide who moves where; write batch files; return small batch references to map over."""
         from include.tier_sync.tasks import plan_sync_task
 
-        return plan_sync_task(get_current_context(), params or {})
+        return plan_sync_task(get_current_context())
 
     @task(
         pool=settings.SYNC_POOL,
@@ -167,7 +135,7 @@ def customer_tier_sync() -> None:
         from include.tier_sync.tasks import sync_batch_task
 
         context = get_current_context()
-        context["batch_label"] = f"{ref.get('tier')} x{ref.get('size')}"  # type: ignore[typeddict-unknown-key]
+        context["batch_label"] = f"{ref.get('tier')} ({ref.get('size')} customers)"  # type: ignore[typeddict-unknown-key]
         return sync_batch_task(context, ref)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)

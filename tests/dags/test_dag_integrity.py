@@ -64,7 +64,8 @@ def test_pools_are_declared(dagbag) -> None:  # type: ignore[no-untyped-def]
 def test_schedule_has_real_data_intervals(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags[DAG_ID]
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"
-    assert dag.timetable.summary == "0 2 * * *"
+    assert dag.timetable.expression == "0 2 * * *"
+    assert str(dag.timetable.timezone) in {"UTC", "Timezone('UTC')"}
     assert dag.catchup is False
     assert dag.max_active_runs == 1
 

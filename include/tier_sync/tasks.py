@@ -1,0 +1,262 @@
+"""Task bodies of the customer_tier_sync DAG.
+
+The DAG file only wires tasks; each task calls one function here with its Airflow context. These
+functions turn the context into plain inputs (paths, rules, params, a client), call the pure
+modules, and translate domain failures into Airflow's: a failure that a retry cannot fix (bad data,
+a circuit breaker, customers that could not be synced) raises AirflowFailException so the run fails
+at once and alerts, instead of burning retries.
+
+Heavy modules (pandas, pyarrow, GX, the git helpers) are imported inside the functions: the DAG
+imports this module lazily too, but keeping it cheap costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from include.tier_sync import fileio, settings
+from include.tier_sync.runtime import RunPaths, resolve_as_of, run_identity
+
+log = logging.getLogger(__name__)
+
+GROUP_CHECK_FILE = "group_check.json"
+
+
+def _fail(message: str, cause: BaseException | None = None) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException(message) from cause
+
+
+def run_paths(context: Mapping[str, Any]) -> RunPaths:
+    return RunPaths(settings.data_dir(), resolve_as_of(context))
+
+
+def _params(context: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(context.get("params") or {})
+
+
+def _client() -> Any:
+    from include.tier_sync.lightspeed import LightspeedClient
+
+    return LightspeedClient.from_connection(settings.LIGHTSPEED_CONN_ID)
+
+
+def _client_or_fail() -> Any:
+    """The Lightspeed client, with auth problems turned into an immediate, clear failure."""
+    return _client()
+
+
+def _translate_auth(exc: BaseException) -> None:
+    from include.tier_sync.lightspeed import LightspeedAuthError
+
+    if isinstance(exc, LightspeedAuthError):
+        # A retry cannot fix a revoked or expired token; fail at once so the alert goes out now.
+        _fail(str(exc), exc)
+
+
+# --------------------------------------------------------------------------------------------
+# extract -> compute -> validate -> commit
+# --------------------------------------------------------------------------------------------
+
+
+def extract_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    from include.tier_sync.extract import extract_orders
+    from include.tier_sync.store import MalformedRecordError, OrderStore
+
+    paths = run_paths(context)
+    try:
+        with _client_or_fail() as client:
+            return extract_orders(client, OrderStore(paths.store), full_refresh=bool(_params(context).get("full_refresh")))
+    except MalformedRecordError as exc:
+        _fail(f"Lightspeed returned malformed data; nothing past the last good page was stored: {exc}", exc)
+    except Exception as exc:
+        _translate_auth(exc)
+        raise
+    raise AssertionError("unreachable")
+
+
+def compute_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    from include.tier_sync.master_csv import compute_tiers
+    from include.tier_sync.store import OrderStore
+
+    paths = run_paths(context)
+    return compute_tiers(OrderStore(paths.store), paths, run_identity(context), settings.load_tier_rules())
+
+
+def validate_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    from include.tier_sync.validation import DataQualityError, validate_master
+
+    try:
+        return validate_master(run_paths(context), settings.load_tier_rules())
+    except DataQualityError as exc:
+        ti = context.get("ti")
+        if ti is not None:
+            ti.xcom_push(key="return_value", value=exc.summary)
+        _fail(str(exc), exc)
+    raise AssertionError("unreachable")
+
+
+def commit_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict[str, Any]:
+    from include.tier_sync.artifacts import MASTER_CSV_ASSET, master_asset_extra, write_run_manifest
+    from include.tier_sync.git_export import commit_master
+
+    paths = run_paths(context)
+    identity = run_identity(context)
+    result = commit_master(
+        paths,
+        identity,
+        dict(computed),
+        remote=settings.git_remote(),
+        branch=settings.git_branch(),
+        conn_id=settings.GIT_CONN_ID,
+    )
+    outlet_events = context.get("outlet_events")
+    if outlet_events is not None:
+        outlet_events[MASTER_CSV_ASSET].extra = master_asset_extra(paths, result)
+    write_run_manifest(paths, identity)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# plan -> mapped sync -> group check -> sync log
+# --------------------------------------------------------------------------------------------
+
+
+def _read_master(paths: RunPaths) -> Any:
+    from include.tier_sync.master_csv import read_csv_str
+
+    return read_csv_str(paths.run_master_csv)
+
+
+def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    from include.tier_sync.store import OrderStore
+    from include.tier_sync.sync import MassChangeError, decide_writes, prepare_sync
+
+    paths = run_paths(context)
+    params = _params(context)
+    identity = run_identity(context)
+    dry_run = bool(params.get("dry_run"))
+    writes_allowed, reason = decide_writes(paths, dry_run=dry_run, run_type=identity.get("run_type"))
+    if reason:
+        log.info("Writes to Lightspeed are skipped for this run: %s", reason)
+    store = OrderStore(paths.store)
+    limit = params.get("limit")
+    try:
+        with _client_or_fail() as client:
+            return prepare_sync(
+                client,
+                _read_master(paths),
+                store.read("customers"),
+                settings.load_tier_rules(),
+                paths,
+                customers_cursor=store.cursor("customers"),
+                writes_allowed=writes_allowed,
+                skipped_reason=reason,
+                dry_run=dry_run,
+                force_resync=bool(params.get("force_resync")),
+                limit=int(limit) if limit is not None else None,
+                allow_mass_change=bool(params.get("allow_mass_change")),
+            )
+    except MassChangeError as exc:
+        _fail(f"Circuit breaker: {exc} Nothing was written. Re-trigger with allow_mass_change=true if intended.", exc)
+    except Exception as exc:
+        _translate_auth(exc)
+        raise
+    raise AssertionError("unreachable")
+
+
+def sync_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, Any]:
+    from include.tier_sync.sync import read_plan_doc, sync_batch
+
+    doc = read_plan_doc(run_paths(context)) or {}
+    try:
+        with _client_or_fail() as client:
+            return sync_batch(ref, client, writes_allowed=bool(doc.get("writes_allowed")))
+    except Exception as exc:
+        _translate_auth(exc)
+        raise
+
+
+def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Compare tier groups in Lightspeed with the CSV; skipped (with a reason) when nothing was planned."""
+    from include.tier_sync.sync import (
+        groups_from_plan,
+        left_alone_ids,
+        read_expected_members,
+        read_plan_doc,
+        verify_group_counts,
+    )
+
+    paths = run_paths(context)
+    doc = read_plan_doc(paths)
+    groups = groups_from_plan(paths) if doc else None
+    if doc is None or groups is None:
+        result: dict[str, Any] = {"checked": False, "reason": "no sync plan for this run"}
+    else:
+        with _client_or_fail() as client:
+            result = {
+                "checked": True,
+                **verify_group_counts(
+                    client,
+                    _read_master(paths),
+                    groups,
+                    expected_members=read_expected_members(paths),
+                    left_alone=left_alone_ids(paths),
+                ),
+            }
+    fileio.write_json(fileio.join(paths.run_dir, GROUP_CHECK_FILE), result)
+    return result
+
+
+def _why_nothing_was_planned(context: Mapping[str, Any], paths: RunPaths) -> str | None:
+    """A human reason for a run that never reached the sync (validation failure, breaker, ...)."""
+    validation = fileio.read_json(paths.run_validation_json)
+    if isinstance(validation, dict) and validation.get("success") is False:
+        failed = validation.get("failed") or []
+        return f"validation failed ({', '.join(map(str, failed[:5]))}); nothing was committed or synced"
+    dag_run = context.get("dag_run")
+    get_tis = getattr(dag_run, "get_task_instances", None)
+    if callable(get_tis):
+        try:
+            for ti in get_tis():
+                if str(getattr(ti, "state", "")) in {"failed", "upstream_failed"}:
+                    return f"task {ti.task_id} {ti.state}; nothing was synced"
+        except Exception:  # reading task states is a nicety, never a reason to lose the log
+            log.debug("could not read task states", exc_info=True)
+    return None
+
+
+def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Write tier_sync_log.json (always), then fail the run if any customer could not be synced."""
+    from include.tier_sync.alerts import send_alert
+    from include.tier_sync.artifacts import write_run_manifest
+    from include.tier_sync.sync import finish_sync, raise_for_sync_errors, read_plan_doc
+
+    paths = run_paths(context)
+    identity = run_identity(context)
+    params = _params(context)
+    group_check = fileio.read_json(fileio.join(paths.run_dir, GROUP_CHECK_FILE))
+    no_plan_reason = None if read_plan_doc(paths) else _why_nothing_was_planned(context, paths)
+    log_doc = finish_sync(
+        paths,
+        identity,
+        group_check=group_check if isinstance(group_check, dict) and group_check.get("checked") else None,
+        dry_run=bool(params.get("dry_run")),
+        no_plan_reason=no_plan_reason,
+    )
+    write_run_manifest(paths, identity)
+    if log_doc.get("synced") and log_doc.get("group_counts_match") is False:
+        send_alert(
+            "Lightspeed group counts do not match the master CSV",
+            "After the sync, at least one tier group in Lightspeed does not hold exactly the customers the "
+            f"CSV puts there: {log_doc.get('group_counts')}. See tier_sync_log.json of run {identity.get('run_id')}.",
+            context,
+        )
+    try:
+        raise_for_sync_errors(log_doc)
+    except Exception as exc:
+        _fail(str(exc), exc)
+    return log_doc
