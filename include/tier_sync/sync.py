@@ -1190,6 +1190,7 @@ def finish_sync(
     xcom_results: Iterable[Mapping[str, Any] | None] = (),
     group_check: Mapping[str, Any] | None = None,
     dry_run: bool = False,
+    no_plan_reason: str | None = None,
 ) -> dict[str, Any]:
     """The write_sync_log task: aggregate plan.json + every batch result, write the log, return it.
 
@@ -1201,7 +1202,7 @@ def finish_sync(
     if doc is None:
         summary: dict[str, Any] = {}
         synced = False
-        reason: str | None = "no sync plan: plan_sync did not complete"
+        reason: str | None = no_plan_reason or "no sync plan: plan_sync did not complete"
         started: str | None = None
         api: Mapping[str, Any] | None = None
     else:

@@ -357,3 +357,10 @@ def test_resolve_groups_creates_only_when_allowed_and_finds_default_by_code() ->
     assert sync.is_placeholder(dry.tier_groups["Bloom"])
     real = sync.resolve_groups(fake, rules, create_missing=True)  # type: ignore[arg-type]
     assert len(fake.created) == 4 and not real.missing and set(real.created) == set(dry.missing)
+
+
+def test_log_without_a_plan_says_why(tmp_path: Path) -> None:
+    paths = RunPaths(str(tmp_path), AS_OF)
+    doc = sync.finish_sync(paths, IDENTITY, no_plan_reason="validation failed")
+    assert doc["synced"] is False and doc["skipped_reason"] == "validation failed"
+    assert json.loads(Path(paths.run_sync_log).read_text()) == doc
