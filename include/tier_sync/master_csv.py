@@ -217,6 +217,12 @@ def upsert_tier_history(url: str, as_of: datetime, run_id: str, breakdown: dict[
     )
     if fileio.exists(url):
         old = read_csv_str(url)
+        same_day = old.loc[old["as_of"] == as_of_iso]
+        counts = dict(zip(same_day["tier"], same_day["count"], strict=True))
+        if counts == dict(zip(rows["tier"], rows["count"], strict=True)):
+            # A rerun that reproduces the same counts leaves the file byte-identical (keeping the
+            # run id that first wrote them), so the git commit step sees no change.
+            return old
         old = old.loc[old["as_of"] != as_of_iso, list(HISTORY_COLUMNS)]
         rows = pd.concat([old, rows], ignore_index=True)
     rows = rows.sort_values("as_of", kind="stable", ignore_index=True)

@@ -229,6 +229,21 @@ def test_tier_history_upserts_by_as_of_and_stays_sorted(tmp_path: Path) -> None:
     assert rows[0]["run_id"] == f"scheduled__{iso(AS_OF)}"
 
 
+def test_rerun_under_a_new_run_id_leaves_tier_history_byte_identical(tmp_path: Path) -> None:
+    """`airflow dags test` or a manual re-trigger gives the same as_of a new run id: no churn."""
+    store = base_store()
+    run(tmp_path, store, AS_OF)
+    before = (tmp_path / "tier_history.csv").read_bytes()
+    other = {**identity(AS_OF), "run_id": "manual__2026-11-25T16:00:00+00:00"}
+    compute_tiers(store, RunPaths(str(tmp_path), AS_OF), other, RULES)
+    assert (tmp_path / "tier_history.csv").read_bytes() == before
+    # Different counts for the same day do replace the rows, under the new run id.
+    changed = FakeStore(sales_df(sale("s9", "c1", "2000.00", AS_OF - DAY)), base_store().read("customers"))
+    compute_tiers(changed, RunPaths(str(tmp_path), AS_OF), other, RULES)
+    rows = read_rows(tmp_path / "tier_history.csv")
+    assert {r["run_id"] for r in rows} == {"manual__2026-11-25T16:00:00+00:00"}
+
+
 def test_latest_copies_are_not_overwritten_by_an_older_as_of(tmp_path: Path) -> None:
     t = AS_OF - 10 * DAY
     new = FakeStore(sales_df(sale("s1", "c1", "2000.00", t)), customers_df(customer("c1")))
