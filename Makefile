@@ -21,6 +21,12 @@ $(STAMP): requirements.txt pyproject.toml
 demo: install
 	$(BIN)/python -m tools.demo
 
+up: install
+	$(BIN)/python -m tools.up
+
+down: install
+	$(BIN)/python -m tools.up --down
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
