@@ -1,0 +1,152 @@
+"""The "Loyalty tiers" FastAPI app, mounted by the api-server under /loyalty-tiers.
+
+Every route requires Airflow's own authentication: the same JWT the Airflow UI uses (its `_token`
+cookie, which the browser sends to this same-origin iframe) or an `Authorization: Bearer` token
+from `POST /auth/token`, resolved by Airflow's `get_user` and checked with the auth manager's
+`is_authorized_view(WEBSITE)` - exactly what `requires_access_view(AccessView.WEBSITE)` does. The
+Airflow modules are imported inside the dependency so that loading the plugin stays cheap in
+processes that never serve it.
+
+The app only reads files the pipeline wrote (include/tier_sync/dashboard.py) and returns
+aggregates, a page of a list, or search hits - never the whole master CSV.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from include.tier_sync import dashboard
+
+log = logging.getLogger(__name__)
+
+URL_PREFIX = "/loyalty-tiers"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css", "icon.svg": "image/svg+xml"}
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def require_user(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Any:
+    """Airflow's authenticated user (401 without a valid token, 403 without access to the UI)."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+    from airflow.api_fastapi.core_api.security import get_user
+
+    user = await get_user(request=request, _oauth_token=None, bearer_credentials=credentials)
+    if not get_auth_manager().is_authorized_view(access_view=AccessView.WEBSITE, user=user):
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Forbidden")
+    return user
+
+
+User = Annotated[Any, Depends(require_user)]
+
+
+def _data_dir() -> str:
+    return dashboard.resolve_data_dir()
+
+
+def _json(payload: Any) -> JSONResponse:
+    # Aggregates change with every run; never let a browser or proxy keep customer data around.
+    return JSONResponse(payload, headers={"Cache-Control": "no-store"})
+
+
+app = FastAPI(
+    title="Loyalty tiers",
+    description="customer-tier-sync dashboard: tiers, moves, sync, data quality, at-risk customers.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+
+
+@app.get("/", include_in_schema=False)
+async def index(request: Request) -> Response:
+    """The page. Without a valid session, send the browser to Airflow's login and back."""
+    if not request.url.path.endswith("/"):  # the page's asset and API URLs are relative
+        return RedirectResponse(request.url.replace(path=request.url.path + "/"), status_code=307)
+    try:
+        await require_user(request, await _bearer(request))
+    except HTTPException as exc:
+        if exc.status_code == status.HTTP_403_FORBIDDEN:
+            raise
+        from airflow.api_fastapi.app import get_auth_manager
+
+        login = get_auth_manager().get_url_login()
+        sep = "&" if "?" in login else "?"
+        return RedirectResponse(f"{login}{sep}next={quote(str(request.url), safe='')}", status_code=307)
+    return FileResponse(
+        STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}
+    )
+
+
+@app.get("/static/{name}", include_in_schema=False)
+def static_file(name: str, _user: User) -> Response:
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        raise HTTPException(status_code=404, detail="Not found")
+    return FileResponse(STATIC_DIR / name, media_type=media_type)
+
+
+@app.get("/api/summary")
+def api_summary(_user: User) -> JSONResponse:
+    return _json(dashboard.summary(_data_dir()))
+
+
+@app.get("/api/history")
+def api_history(_user: User, limit: Annotated[int, Query(ge=1, le=5000)] = 400) -> JSONResponse:
+    return _json(dashboard.history(_data_dir(), limit=limit))
+
+
+@app.get("/api/moves")
+def api_moves(_user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 60) -> JSONResponse:
+    return _json(dashboard.moves(_data_dir(), limit=limit))
+
+
+@app.get("/api/at-risk")
+def api_at_risk(
+    _user: User,
+    within_days: Annotated[int, Query(ge=0, le=3650)] = 30,
+    limit: Annotated[int, Query(ge=1, le=dashboard.MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JSONResponse:
+    return _json(
+        dashboard.at_risk(
+            _data_dir(), dashboard.resolve_rules(), within_days=within_days, limit=limit, offset=offset
+        )
+    )
+
+
+@app.get("/api/search")
+def api_search(
+    _user: User,
+    q: Annotated[str, Query(max_length=200)] = "",
+    limit: Annotated[int, Query(ge=1, le=dashboard.MAX_SEARCH)] = 10,
+) -> JSONResponse:
+    return _json(dashboard.search(_data_dir(), q, limit=limit, rules=dashboard.resolve_rules()))
+
+
+@app.get("/api/customers/{customer_id}")
+def api_customer(customer_id: str, _user: User) -> JSONResponse:
+    found = dashboard.customer(_data_dir(), customer_id, rules=dashboard.resolve_rules())
+    if found is None:
+        raise HTTPException(status_code=404, detail="No such customer in the latest master CSV")
+    return _json(found)
+
+
+@app.get("/data-docs/{path:path}", include_in_schema=False)
+def data_docs(path: str, _user: User) -> Response:
+    """The Great Expectations Data Docs site, served from the data dir (local or object storage)."""
+    found = dashboard.data_docs_file(_data_dir(), path or "index.html")
+    if found is None:
+        raise HTTPException(status_code=404, detail="Data Docs file not found")
+    body, media_type = found
+    return Response(body, media_type=media_type, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,28 @@
+"""Airflow 3 plugin: the "Loyalty tiers" page of customer-tier-sync in the Airflow UI.
+
+`fastapi_apps` mounts the dashboard's FastAPI app on the api-server under /loyalty-tiers (every
+route there requires Airflow's own login); `external_views` adds "Loyalty tiers" to the UI's
+navigation, shown inside the UI at /plugin/loyalty-tiers. Module-level imports stay light (no
+pandas): this file is imported wherever Airflow loads plugins.
+"""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+from loyalty_tiers.app import URL_PREFIX, app
+
+
+class LoyaltyTiersPlugin(AirflowPlugin):
+    name = "loyalty_tiers"
+    fastapi_apps = [
+        {"app": app, "url_prefix": URL_PREFIX, "name": "Loyalty tiers"},
+    ]
+    external_views = [
+        {
+            "name": "Loyalty tiers",
+            "href": f"{URL_PREFIX}/",
+            "url_route": "loyalty-tiers",
+            "destination": "nav",
+            "icon": f"{URL_PREFIX}/static/icon.svg",
+        },
+    ]
