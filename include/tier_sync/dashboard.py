@@ -489,6 +489,8 @@ def _run_moves(data_dir: str, key: str) -> dict[str, Any]:
             transitions[f"{old or '(new)'} -> {new}"] = int(n)
     sync = _read_json(fileio.join(run_dir, SYNC_LOG_FILE))
     run = _read_json(fileio.join(run_dir, "run.json"))
+    report = _read_json(fileio.join(run_dir, "validation.json"))
+    passed = report.get("summary", {}).get("success") if isinstance(report, dict) else None
     as_of = run.get("as_of") if isinstance(run, dict) else None
     if not as_of:
         as_of = iso(datetime.strptime(key, RUN_KEY_FORMAT).replace(tzinfo=UTC))
@@ -500,6 +502,7 @@ def _run_moves(data_dir: str, key: str) -> dict[str, Any]:
         **counts,
         "changes": sum(counts.values()),
         "top_transitions": dict(sorted(transitions.items(), key=lambda kv: -kv[1])[:8]),
+        "validation_passed": passed,
         "synced_updates": sync.get("updated") if isinstance(sync, dict) else None,
         "sync_errors": sync.get("errors") if isinstance(sync, dict) else None,
     }
