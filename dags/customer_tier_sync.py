@@ -108,7 +108,7 @@ def customer_tier_sync() -> None:
         """Great Expectations gate: a failure fails at once (no retry) and blocks commit and sync."""
         from include.tier_sync.tasks import validate_task
 
-        return validate_task(get_current_context())
+        return validate_task(get_current_context(), computed)
 
     @task(outlets=[MASTER_CSV_ASSET], max_active_tis_per_dag=1)
     def commit_csv(computed: Any, validated: Any) -> dict[str, Any]:
@@ -152,6 +152,18 @@ def customer_tier_sync() -> None:
 
         return write_sync_log_task(get_current_context())
 
+    @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0, on_failure_callback=None)
+    def run_outcome() -> None:
+        """Fail the run when any task failed.
+
+        write_sync_log runs whatever happened (all_done) so the log is always written; without this
+        watcher that successful leaf would mark a run with a failed validation or sync as a success.
+        The failing task has already sent its alert, so this one sends none.
+        """
+        from include.tier_sync.tasks import fail_run
+
+        fail_run(get_current_context())
+
     extracted = extract_orders()
     computed = compute_tiers(extracted)
     validated = validate_tiers(computed)
@@ -159,7 +171,9 @@ def customer_tier_sync() -> None:
     refs = plan_sync(committed)
     results = sync_batch.expand(ref=refs)
     checked = verify_group_counts(results)
-    write_sync_log(checked)
+    logged = write_sync_log(checked)
+    outcome = run_outcome()
+    [extracted, computed, validated, committed, refs, results, checked, logged] >> outcome
 
 
 customer_tier_sync()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,12 +34,6 @@ MASTER_CSV_ASSET = Asset(
     extra={"format": "csv", "producer": "customer_tier_sync.commit_csv"},
 )
 
-# Run artifact name -> attribute of RunPaths holding its stable "latest" location.
-LATEST_TARGETS: Mapping[str, str] = {
-    "customer_analytics_master.csv": "master_csv",
-    "tier_changes.csv": "tier_changes",
-    "tier_sync_log.json": "sync_log",
-}
 
 
 def _list_files(run_dir: str) -> list[dict[str, Any]]:
@@ -96,30 +90,6 @@ def list_runs(data_dir: str) -> list[dict[str, Any]]:
         entry["path"] = run_dir
         out.append(entry)
     return out
-
-
-def is_newest_run(paths: RunPaths) -> bool:
-    """True when no run with a later as_of has a folder (a backfill must not overwrite "latest")."""
-    keys = [k for k in fileio.listdir(paths.runs_dir) if k > paths.key]
-    return not keys
-
-
-def publish_latest(paths: RunPaths, names: Iterable[str] | None = None) -> list[str]:
-    """Copy this run's artifacts to their stable paths, only if it is the newest run; returns targets."""
-    if not is_newest_run(paths):
-        log.info("Run %s is not the newest; stable copies left alone", paths.key)
-        return []
-    written: list[str] = []
-    for name in names if names is not None else LATEST_TARGETS:
-        attr = LATEST_TARGETS.get(name)
-        if attr is None:
-            raise ValueError(f"no stable path for {name!r}; known: {sorted(LATEST_TARGETS)}")
-        src = fileio.join(paths.run_dir, name)
-        if fileio.exists(src):
-            target = str(getattr(paths, attr))
-            fileio.copy(src, target)
-            written.append(target)
-    return written
 
 
 def master_asset_extra(paths: RunPaths, commit_result: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +20,7 @@ import pandas as pd
 
 from include.tier_sync import fileio
 from include.tier_sync.clv import I64, NAT, US_PER_DAY, as_of_us, compute_customer_metrics
-from include.tier_sync.runtime import iso, run_key, to_utc
+from include.tier_sync.runtime import is_newest_run, iso, run_key, to_utc, validated_runs_before
 from include.tier_sync.settings import ALL_TIERS, NO_TIER, TierRules
 
 if TYPE_CHECKING:
@@ -51,7 +50,6 @@ MASTER_COLUMNS: tuple[str, ...] = (
 CHANGES_COLUMNS: tuple[str, ...] = ("Customer ID", "From", "To", "as_of")
 HISTORY_COLUMNS: tuple[str, ...] = ("as_of", "run_id", "tier", "count")
 MASTER_FILE = "customer_analytics_master.csv"
-_RUN_KEY_RE = re.compile(r"^\d{8}T\d{6}Z$")
 _TEXT_COLUMNS = ("Customer ID", "Customer Code", "Name", "Email", "Phone")
 
 
@@ -192,12 +190,9 @@ def read_csv_str(url: str, usecols: list[str] | None = None) -> pd.DataFrame:
 
 
 def previous_run_master(paths: RunPaths) -> str | None:
-    """The master CSV of the run folder with the greatest key below this run's key, if any."""
-    this_key = paths.key
-    for key in sorted((k for k in fileio.listdir(paths.runs_dir) if _RUN_KEY_RE.match(k)), reverse=True):
-        if key >= this_key:
-            continue
-        candidate = fileio.join(paths.runs_dir, key, MASTER_FILE)
+    """The master CSV of the newest earlier run that passed validation, if any."""
+    for run_dir in validated_runs_before(paths):
+        candidate = fileio.join(run_dir, MASTER_FILE)
         if fileio.exists(candidate):
             return candidate
     return None
@@ -233,15 +228,15 @@ def upsert_tier_history(url: str, as_of: datetime, run_id: str, breakdown: dict[
 def compute_tiers(
     store: StoreReader, paths: RunPaths, identity: dict[str, Any], rules: TierRules
 ) -> dict[str, Any]:
-    """Task body of compute_tiers: store -> metrics -> master CSV, changes, history, latest copies.
+    """Task body of compute_tiers: store -> metrics -> the run folder's master CSV and changes.
 
-    Returns the XCom dict of docs/contracts.md (plus `previous_run` and `latest`: whether this run
-    replaced the shared latest copies).
+    Nothing leaves the run folder here: the tier history and the stable "latest" copies are
+    written by publish_run once validation has passed. Returns the XCom dict of
+    docs/contracts.md (plus `previous_run`, the previous validated run's master).
     """
     as_of = to_utc(identity.get("as_of") or paths.as_of)
     if run_key(as_of) != paths.key:
         raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
-    run_id = str(identity.get("run_id") or "")
 
     sales = store.read("sales")
     customers = store.read("customers")
@@ -256,27 +251,16 @@ def compute_tiers(
     changes = tier_changes(master, as_of)
     breakdown = tier_breakdown(master)
 
-    master_bytes = to_csv_bytes(master)
-    changes_bytes = to_csv_bytes(changes)
-    fileio.write_bytes(paths.run_master_csv, master_bytes)
-    fileio.write_bytes(paths.run_tier_changes, changes_bytes)
-    upsert_tier_history(paths.tier_history, as_of, run_id, breakdown)
-
-    latest = fileio.read_json(paths.latest_json, default=None) or {}
-    is_latest = not latest.get("as_of") or to_utc(latest["as_of"]) <= as_of
-    if is_latest:
-        fileio.write_bytes(paths.master_csv, master_bytes)
-        fileio.write_bytes(paths.tier_changes, changes_bytes)
-        fileio.write_json(paths.latest_json, {"as_of": iso(as_of), "run_id": identity.get("run_id")})
+    fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master))
+    fileio.write_bytes(paths.run_tier_changes, to_csv_bytes(changes))
 
     log.info(
-        "compute_tiers as of %s: %d customers, %d tier changes, breakdown %s, previous run %s, latest %s",
+        "compute_tiers as of %s: %d customers, %d tier changes, breakdown %s, previous validated run %s",
         iso(as_of),
         len(master),
         len(changes),
         breakdown,
         prev_url,
-        is_latest,
     )
     return {
         "as_of": iso(as_of),
@@ -286,5 +270,19 @@ def compute_tiers(
         "tier_breakdown": breakdown,
         "changes": len(changes),
         "previous_run": prev_url,
-        "latest": is_latest,
     }
+
+
+def publish_run(paths: RunPaths, identity: dict[str, Any], breakdown: dict[str, int]) -> bool:
+    """After validation passed: record the day in tier_history.csv and, for the newest run, copy the
+    master CSV and tier changes to their stable paths and stamp latest.json. Returns whether this
+    run became "latest". Nothing unvalidated ever reaches the stable paths or the history.
+    """
+    upsert_tier_history(paths.tier_history, paths.as_of, str(identity.get("run_id") or ""), breakdown)
+    if not is_newest_run(paths):
+        log.info("Run %s is older than the newest published run; stable copies left alone", paths.key)
+        return False
+    fileio.copy(paths.run_master_csv, paths.master_csv)
+    fileio.copy(paths.run_tier_changes, paths.tier_changes)
+    fileio.write_json(paths.latest_json, {"as_of": iso(paths.as_of), "run_id": identity.get("run_id")})
+    return True

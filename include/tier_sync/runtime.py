@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from include.tier_sync import fileio
 from include.tier_sync.fileio import join
 
 RUN_KEY_FORMAT = "%Y%m%dT%H%M%SZ"
+VALIDATION_FILE = "validation.json"
 
 
 def to_utc(value: Any) -> datetime:
@@ -150,3 +152,45 @@ class RunPaths:
 
     def run_dir_for(self, as_of: datetime) -> str:
         return self._p("runs", run_key(as_of))
+
+    def run_dir_for_key(self, key: str) -> str:
+        return self._p("runs", key)
+
+
+def is_run_key(name: str) -> bool:
+    """A run folder name (YYYYMMDDTHHMMSSZ); anything else under runs/ is ignored."""
+    try:
+        datetime.strptime(name, RUN_KEY_FORMAT)
+    except ValueError:
+        return False
+    return True
+
+
+def run_passed_validation(run_dir: str) -> bool:
+    """Whether a run folder's validation report says it passed (no report: it did not)."""
+    report = fileio.read_json(join(run_dir, VALIDATION_FILE), default=None)
+    return isinstance(report, dict) and bool((report.get("summary") or {}).get("success"))
+
+
+def validated_runs_before(paths: RunPaths) -> list[str]:
+    """Run folders older than this run whose data passed validation, newest first.
+
+    "The previous run" means the previous *validated* run everywhere (Previous Tier, the
+    validation baseline): a run that failed validation must not become anyone's reference.
+    """
+    keys = [k for k in fileio.listdir(paths.runs_dir) if is_run_key(k) and k < paths.key]
+    return [paths.run_dir_for_key(k) for k in sorted(keys, reverse=True) if run_passed_validation(paths.run_dir_for_key(k))]
+
+
+def newest_published_as_of(paths: RunPaths) -> str | None:
+    """as_of (ISO 'Z') of the newest run published to the stable paths, from latest.json."""
+    latest = fileio.read_json(paths.latest_json, default=None)
+    value = latest.get("as_of") if isinstance(latest, dict) else None
+    return iso(to_utc(value)) if value else None
+
+
+def is_newest_run(paths: RunPaths) -> bool:
+    """True unless a run with a later as_of has been published: only then may this run publish
+    its files to the stable paths, or write to the POS (a backfill must not override today)."""
+    newest = newest_published_as_of(paths)
+    return newest is None or iso(paths.as_of) >= newest

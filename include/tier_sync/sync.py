@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from include.tier_sync import fileio
-from include.tier_sync.runtime import iso, to_utc
+from include.tier_sync.runtime import is_newest_run, iso, newest_published_as_of, to_utc
 from include.tier_sync.settings import ALL_TIERS, NO_TIER, TIERS
 
 if TYPE_CHECKING:
@@ -993,10 +993,8 @@ def write_sync_log(log_doc: Mapping[str, Any], paths: RunPaths) -> dict[str, str
     """
     fileio.write_json(paths.run_sync_log, dict(log_doc))
     written = {"run": paths.run_sync_log}
-    as_of = iso(paths.as_of)
-    latest = fileio.read_json(paths.latest_json) or {}
     current = fileio.read_json(paths.sync_log) or {}
-    if _newer_than(as_of, latest.get("as_of")) and _newer_than(as_of, current.get("as_of")):
+    if is_newest_run(paths) and _newer_than(iso(paths.as_of), current.get("as_of")):
         fileio.write_json(paths.sync_log, dict(log_doc))
         written["latest"] = paths.sync_log
     return written
@@ -1097,9 +1095,8 @@ def decide_writes(paths: RunPaths, *, dry_run: bool, run_type: str | None = None
         return False, "dry_run"
     if run_type is not None and str(run_type).lower() == "backfill":
         return False, "backfill run: only the latest run writes to the POS"
-    latest = fileio.read_json(paths.latest_json) or {}
-    newest = latest.get("as_of")
-    if newest and not _newer_than(iso(paths.as_of), str(newest)):
+    if not is_newest_run(paths):
+        newest = newest_published_as_of(paths)
         return False, f"superseded: a newer run (as_of {newest}) exists; only the latest run writes"
     return True, None
 

@@ -86,17 +86,22 @@ def compute_task(context: Mapping[str, Any]) -> dict[str, Any]:
     return compute_tiers(OrderStore(paths.store), paths, run_identity(context), settings.load_tier_rules())
 
 
-def validate_task(context: Mapping[str, Any]) -> dict[str, Any]:
+def validate_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the run's master CSV; only data that passed is published to the stable paths."""
+    from include.tier_sync.master_csv import publish_run
     from include.tier_sync.validation import DataQualityError, validate_master
 
+    paths = run_paths(context)
     try:
-        return validate_master(run_paths(context), settings.load_tier_rules())
+        summary = validate_master(paths, settings.load_tier_rules())
     except DataQualityError as exc:
         ti = context.get("ti")
         if ti is not None:
             ti.xcom_push(key="return_value", value=exc.summary)
         _fail(str(exc), exc)
-    raise AssertionError("unreachable")
+        raise AssertionError("unreachable") from exc
+    summary["published_as_latest"] = publish_run(paths, run_identity(context), dict(computed["tier_breakdown"]))
+    return summary
 
 
 def commit_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict[str, Any]:
@@ -213,7 +218,8 @@ def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:
 
 def _why_nothing_was_planned(context: Mapping[str, Any], paths: RunPaths) -> str | None:
     """A human reason for a run that never reached the sync (validation failure, breaker, ...)."""
-    validation = fileio.read_json(paths.run_validation_json)
+    report = fileio.read_json(paths.run_validation_json)
+    validation = report.get("summary") if isinstance(report, dict) else None
     if isinstance(validation, dict) and validation.get("success") is False:
         failed = validation.get("failed") or []
         return f"validation failed ({', '.join(map(str, failed[:5]))}); nothing was committed or synced"
@@ -260,3 +266,16 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         _fail(str(exc), exc)
     return log_doc
+
+
+def fail_run(context: Mapping[str, Any]) -> None:
+    """The watcher's body: only reached when a task failed; name them and fail."""
+    dag_run = context.get("dag_run")
+    failed: list[str] = []
+    get_tis = getattr(dag_run, "get_task_instances", None)
+    if callable(get_tis):
+        try:
+            failed = sorted({ti.task_id for ti in get_tis() if str(ti.state) == "failed"})
+        except Exception:  # the message is a nicety; failing the run is the point
+            log.debug("could not read task states", exc_info=True)
+    _fail(f"The run failed: {', '.join(failed) or 'an upstream task'} failed (see its log and tier_sync_log.json).")

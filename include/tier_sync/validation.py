@@ -22,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio
+from include.tier_sync.runtime import is_run_key, validated_runs_before
 from include.tier_sync.settings import (
     ALL_TIERS,
     BLOOM,
@@ -73,7 +74,6 @@ HAS_ORDERS_FOR_VALUE = "orders_behind_positive_value"
 EMAIL_SHARED_BY = "email_shared_by"
 
 MAX_EXAMPLES = 5
-_RUN_KEY_RE = re.compile(r"^\d{8}T\d{6}Z$")
 _INT_RE = re.compile(r"^-?\d+$")
 _MONEY_RE = re.compile(r"^-?\d+(\.\d{1,2})?$")
 _QUIET_LOGGERS = ("great_expectations", "great_expectations.data_context.types.base", "altair", "tqdm")
@@ -369,22 +369,21 @@ def prepare_frame(
 def find_baseline(paths: RunPaths) -> Baseline:
     """The newest run before this one whose master passed validation (failed runs are skipped)."""
     notes: list[str] = []
-    keys = [k for k in fileio.listdir(paths.runs_dir) if _RUN_KEY_RE.match(k) and k < paths.key]
-    for key in sorted(keys, reverse=True):
-        run_dir = fileio.join(paths.runs_dir, key)
+    validated = validated_runs_before(paths)
+    newest_good = validated[0].rsplit("/", 1)[-1] if validated else ""
+    for key in sorted(fileio.listdir(paths.runs_dir), reverse=True):
+        if is_run_key(key) and newest_good < key < paths.key:
+            notes.append(f"run {key} skipped as baseline: not validated or failed")
+    for run_dir in validated:
         master = fileio.join(run_dir, "customer_analytics_master.csv")
-        report = fileio.read_json(fileio.join(run_dir, "validation.json"), default=None)
-        passed = isinstance(report, dict) and bool((report.get("summary") or {}).get("success"))
-        if not passed or not fileio.exists(master):
-            notes.append(
-                f"run {key} skipped as baseline: {'no master CSV' if passed else 'not validated or failed'}"
-            )
+        if not fileio.exists(master):
+            notes.append(f"run {run_dir.rsplit('/', 1)[-1]} skipped as baseline: no master CSV")
             continue
         prev = read_master(master)
         tiers: dict[str, str] = {}
         if CUSTOMER_ID in prev.columns and TIER in prev.columns:
             tiers = dict(zip(prev[CUSTOMER_ID].astype(str), prev[TIER].astype(str), strict=True))
-        return Baseline(run_key=key, row_count=len(prev), tiers=tiers, notes=tuple(notes))
+        return Baseline(run_key=run_dir.rsplit("/", 1)[-1], row_count=len(prev), tiers=tiers, notes=tuple(notes))
     notes.append("no previous validated run: row-count and tier-change checks compare with nothing and pass")
     return Baseline(notes=tuple(notes))
 

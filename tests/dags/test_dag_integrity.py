@@ -76,7 +76,7 @@ def test_tags_owner_retries_doc(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert dag.doc_md and "Customer tier sync" in dag.doc_md
     for t in dag.tasks:
         assert t.owner == "loyalty-data"
-        if t.task_id != "validate_tiers":
+        if t.task_id not in {"validate_tiers", "run_outcome"}:
             assert t.retries >= 2, t.task_id
     # A data-quality failure must not be retried: it would only re-fail and delay the alert.
     assert dag.get_task("validate_tiers").retries == 0
@@ -96,7 +96,15 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
             ("sync_batch", "verify_group_counts"),
             ("verify_group_counts", "write_sync_log"),
         ]
+        + [
+            (t, "run_outcome")
+            for t in ("extract_orders", "compute_tiers", "validate_tiers", "commit_csv", "plan_sync",
+                      "sync_batch", "verify_group_counts", "write_sync_log")
+        ]
     )
+    # A failed task must fail the run even though the all_done log task after it succeeds.
+    assert dag.get_task("run_outcome").trigger_rule == "one_failed"
+    assert [t.task_id for t in dag.tasks if not t.downstream_task_ids] == ["run_outcome"]
     # The log must be written when nothing is synced (mapped task skipped) and when batches failed.
     assert dag.get_task("write_sync_log").trigger_rule == "all_done"
     assert dag.get_task("verify_group_counts").trigger_rule == "all_done"

@@ -13,7 +13,6 @@ from include.tier_sync.artifacts import (
     MASTER_CSV_ASSET,
     list_runs,
     master_asset_extra,
-    publish_latest,
     write_run_manifest,
 )
 from include.tier_sync.runtime import RunPaths, iso
@@ -69,19 +68,6 @@ def test_list_runs_newest_first(tmp_path: Path) -> None:
     assert runs[0]["as_of"] == "2026-11-25T02:00:00Z" and runs[0]["path"].endswith("20261125T020000Z")
     assert runs[2]["files"] is None
     assert list_runs(str(tmp_path / "nowhere")) == []
-
-
-def test_publish_latest_only_for_newest_run(tmp_path: Path) -> None:
-    new = _run(tmp_path, DAY2, master="new\n")
-    old = _run(tmp_path, DAY1, master="old\n")
-
-    assert publish_latest(old) == []
-    written = publish_latest(new, ["customer_analytics_master.csv", "tier_changes.csv"])
-
-    assert written == [new.master_csv, new.tier_changes]
-    assert Path(new.master_csv).read_text() == "new\n"
-    with pytest.raises(ValueError, match="no stable path"):
-        publish_latest(new, ["run.json"])
 
 
 def test_master_asset_is_stable_and_valid() -> None:

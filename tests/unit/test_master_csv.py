@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from include.tier_sync import fileio
 from include.tier_sync.clv import compute_customer_metrics
 from include.tier_sync.master_csv import (
     MASTER_COLUMNS,
@@ -20,6 +21,7 @@ from include.tier_sync.master_csv import (
     compute_tiers,
     div_half_up,
     format_cents_array,
+    publish_run,
 )
 from include.tier_sync.runtime import RunPaths, iso
 from tests.unit.test_clv import AS_OF, DAY, RULES, customer, customers_df, sale, sales_df
@@ -52,8 +54,21 @@ def identity(as_of: datetime, run_id: str | None = None) -> dict[str, Any]:
     }
 
 
-def run(data_dir: Path, store: FakeStore, as_of: datetime = AS_OF) -> dict[str, Any]:
-    return compute_tiers(store, RunPaths(str(data_dir), as_of), identity(as_of), RULES)
+def run(
+    data_dir: Path,
+    store: FakeStore,
+    as_of: datetime = AS_OF,
+    ident: dict[str, Any] | None = None,
+    *,
+    validated: bool = True,
+) -> dict[str, Any]:
+    """compute_tiers, then what the pipeline does once validation has passed (or failed)."""
+    paths = RunPaths(str(data_dir), as_of)
+    ident = ident or identity(as_of)
+    out = compute_tiers(store, paths, ident, RULES)
+    fileio.write_json(paths.run_validation_json, {"summary": {"success": validated}})
+    out["latest"] = publish_run(paths, ident, out["tier_breakdown"]) if validated else False
+    return out
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
@@ -235,13 +250,32 @@ def test_rerun_under_a_new_run_id_leaves_tier_history_byte_identical(tmp_path: P
     run(tmp_path, store, AS_OF)
     before = (tmp_path / "tier_history.csv").read_bytes()
     other = {**identity(AS_OF), "run_id": "manual__2026-11-25T16:00:00+00:00"}
-    compute_tiers(store, RunPaths(str(tmp_path), AS_OF), other, RULES)
+    run(tmp_path, store, AS_OF, other)
     assert (tmp_path / "tier_history.csv").read_bytes() == before
     # Different counts for the same day do replace the rows, under the new run id.
     changed = FakeStore(sales_df(sale("s9", "c1", "2000.00", AS_OF - DAY)), base_store().read("customers"))
-    compute_tiers(changed, RunPaths(str(tmp_path), AS_OF), other, RULES)
+    run(tmp_path, changed, AS_OF, other)
     rows = read_rows(tmp_path / "tier_history.csv")
     assert {r["run_id"] for r in rows} == {"manual__2026-11-25T16:00:00+00:00"}
+
+
+def test_a_run_that_failed_validation_is_never_published_nor_anyone_s_previous_run(tmp_path: Path) -> None:
+    good = FakeStore(sales_df(sale("s1", "c1", "300.00", AS_OF - 3 * DAY)), customers_df(customer("c1")))
+    run(tmp_path, good, AS_OF)  # c1: Sprout, validated, published
+    published = (tmp_path / "customer_analytics_master.csv").read_bytes()
+    history = (tmp_path / "tier_history.csv").read_bytes()
+
+    bad = FakeStore(sales_df(sale("s1", "c1", "3000.00", AS_OF - 3 * DAY)), customers_df(customer("c1")))
+    out = run(tmp_path, bad, AS_OF + DAY, validated=False)
+    assert out["latest"] is False
+    assert (tmp_path / "customer_analytics_master.csv").read_bytes() == published
+    assert (tmp_path / "tier_history.csv").read_bytes() == history
+    assert json.loads((tmp_path / "latest.json").read_text())["as_of"] == iso(AS_OF)
+
+    # The next day compares with the last *validated* run, not with the failed one.
+    out = run(tmp_path, good, AS_OF + 2 * DAY)
+    row = by_id(out["master_csv"])["c1"]
+    assert (row["Previous Tier"], row["Tier"], row["Tier Changed At"]) == ("Sprout", "Sprout", iso(AS_OF))
 
 
 def test_latest_copies_are_not_overwritten_by_an_older_as_of(tmp_path: Path) -> None:
