@@ -71,7 +71,7 @@ class TierRules:
     # Data-quality and safety knobs (issues 4 and 6).
     max_row_drop_fraction: float = 0.05
     max_tier_change_fraction: float = 0.25
-    placeholder_email_min_customers: int = 5
+    placeholder_email_min_customers: int = 3  # one address on 3+ customers looks like a placeholder
     max_move_fraction: float = 0.20
     max_downgrades: int = 500
 
