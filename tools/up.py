@@ -479,6 +479,7 @@ def up(args: argparse.Namespace) -> int:
             AIRFLOW__API__HOST=args.host,
             AIRFLOW__API__PORT=str(args.port),
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{url}/execution/",
+            AIRFLOW__API__BASE_URL=url,  # links in alerts and logs point at this UI
             # Other Airflow installs on this machine may hold the default log-server ports.
             AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
             AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(free_port()),
