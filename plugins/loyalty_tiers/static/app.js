@@ -149,6 +149,10 @@ function renderHistory(hist) {
     if (coords.length > 1) svg.append(s("polyline", { points: coords.map((c) => c.join(",")).join(" "), fill: "none", stroke: color, "stroke-width": 2 }));
     const r = pts.length > 60 ? 0 : 3.5;
     coords.forEach(([x, y], i) => { if (r || i === coords.length - 1) svg.append(s("circle", { cx: x, cy: y, r: r || 3, fill: color }, s("title", {}, `${tier} ${day(pts[i].as_of)}: ${pts[i].counts[tier] || 0}`))); });
+    if (pts.length <= 3) {  // few runs yet: label the points so the chart still says something
+      const [x, y] = coords[coords.length - 1];
+      svg.append(s("text", { x: x + 8, y: y + 4 }, `${tier} ${fmtInt.format(pts[pts.length - 1].counts[tier] || 0)}`));
+    }
   }
   const legend = h("div", { class: "legend" }, hist.tiers.map((t) => h("span", {}, swatch(t), t)));
   put("history", svg, legend, h("div", { class: "note" }, `${pts.length} run${pts.length === 1 ? "" : "s"} in tier_history.csv`));
@@ -157,7 +161,7 @@ function renderHistory(hist) {
 function renderMoves(data) {
   const runs = data.runs;
   if (!runs.length) { put("moves", h("p", { class: "muted" }, "No runs yet.")); put("moves-table"); return; }
-  const W = 960, H = 220, L = 52, R = 16, T = 14, B = 28;
+  const W = 960, H = 180, L = 52, R = 16, T = 14, B = 28;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "Upgrades and downgrades per run" });
   const up = runs.map((r) => r.upgrades + r.new), down = runs.map((r) => r.downgrades);
   const maxUp = niceMax(Math.max(1, ...up)), maxDown = Math.max(...down) > 0 ? niceMax(Math.max(...down)) : 0;

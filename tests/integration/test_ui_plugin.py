@@ -1,0 +1,552 @@
+"""The "Loyalty tiers" Airflow plugin, end to end.
+
+A real demo run (tools/demo.py: the simulator + `airflow dags test` twice) writes a data dir; an
+Airflow api-server of our own (temp AIRFLOW_HOME, SQLite, SimpleAuthManager with known passwords,
+plugins folder = plugins/) serves the page with `tier_sync_data_dir` set as a Variable in the
+metadata DB (what a deployment does; the api-server cannot use the Task SDK to read it). Then:
+
+- API tests with a token from POST /auth/token, and without one (refused);
+- headless Chromium, driven over the DevTools protocol: logs into the Airflow UI through its
+  login form, opens the page inside the UI (/plugin/loyalty-tiers, an iframe) and checks the
+  numbers shown against the files; the screenshot is kept under test-artifacts/.
+
+Chromium: tools/install_chromium.sh (apt) is run when chromium is missing; the browser test is
+skipped, with the reason, only if that fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # websockets' sync client is used without a `with` block: Browser.close() closes it.
+    pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "ui_plugin"
+BIN = Path(sys.executable).parent
+ADMIN = "admin"
+VIEWER = "viewer"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- a demo run --------------------------------------------------------------------------------------
+
+
+def run_demo(root: Path) -> Path:
+    """tools.demo end to end, under `root` instead of .demo/ (other sessions may be using that)."""
+    code = (
+        "import sys, tools.demo as d; from pathlib import Path; "
+        f"d.DEMO = Path({str(root)!r}); sys.exit(d.main([]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    (root / "demo.out").write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, f"demo run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return root / "data"
+
+
+# -- an api-server -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    passwords: dict[str, str]
+    log: Path
+
+    def token(self, user: str = ADMIN) -> str:
+        resp = httpx.post(
+            f"{self.url}/auth/token", json={"username": user, "password": self.passwords[user]}, timeout=30
+        )
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["access_token"])
+
+
+def airflow_env(home: Path, data_dir: Path | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),  # empty: this server only serves the UI
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{ADMIN}:admin,{VIEWER}:viewer",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "passwords.json"),
+        AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
+        AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
+        AIRFLOW__LOGGING__LOGGING_LEVEL="INFO",
+    )
+    if data_dir is None:
+        env["AIRFLOW_VAR_TIER_SYNC_DATA_DIR"] = str(home / "no-data-yet")
+    return env
+
+
+@contextmanager
+def api_server(data_dir: Path | None, home: Path) -> Iterator[Server]:
+    """`airflow api-server` on a free port; the data dir is an Airflow Variable in its DB."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dags").mkdir(exist_ok=True)
+    passwords = {ADMIN: secrets.token_urlsafe(12), VIEWER: secrets.token_urlsafe(12)}
+    (home / "passwords.json").write_text(json.dumps(passwords))
+    env = airflow_env(home, data_dir)
+    airflow = str(BIN / "airflow")
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+    if data_dir is not None:
+        setvar = subprocess.run(
+            [airflow, "variables", "set", "tier_sync_data_dir", str(data_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert setvar.returncode == 0, setvar.stderr[-2000:]
+    port = free_port()
+    log_path = home / "api-server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [airflow, "api-server", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"api-server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}"
+                )
+            try:
+                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"api-server did not come up:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield Server(url=url, home=home, passwords=passwords, log=log_path)
+    finally:
+        try:
+            os.killpg(proc.pid, 15)  # our own process group: the server and its workers
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+
+
+# -- headless Chromium over the DevTools protocol ------------------------------------------------------
+
+
+def chromium_binary() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def ensure_chromium() -> str | None:
+    found = chromium_binary()
+    if found:
+        return found
+    subprocess.run(["bash", str(REPO / "tools" / "install_chromium.sh")], capture_output=True, timeout=900)
+    return chromium_binary()
+
+
+class Browser:
+    """Just enough of the Chrome DevTools protocol: navigate, evaluate JS, type, screenshot."""
+
+    def __init__(self, binary: str, profile: Path, width: int = 1440, height: int = 2200) -> None:
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={port}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        from websockets.sync.client import connect
+
+        deadline = time.monotonic() + 30
+        ws_url = None
+        while ws_url is None:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
+            except (httpx.HTTPError, StopIteration, ValueError):
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise
+                time.sleep(0.2)
+        self.ws = connect(ws_url, max_size=64 * 1024 * 1024, open_timeout=30)  # closed in close()
+        self._id = 0
+        self.send("Page.enable")
+        self.send("Runtime.enable")
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        msg_id = self._id
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == msg_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                result: dict[str, Any] = msg.get("result", {})
+                return result
+
+    def navigate(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+
+    def eval(self, expression: str) -> Any:
+        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"JS error: {res['exceptionDetails']}")
+        return res.get("result", {}).get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.eval(expression)
+            except RuntimeError:
+                last = None
+            if last:
+                return last
+            time.sleep(0.25)
+        url = self.eval("location.href")
+        raise AssertionError(f"timed out waiting for {what or expression} (at {url})")
+
+    def type_into(self, selector: str, text: str) -> None:
+        self.eval(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.send("Input.insertText", text=text)
+
+    def screenshot(self, path: Path) -> None:
+        data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        try:
+            if hasattr(self, "ws"):
+                self.ws.close()
+        finally:
+            try:
+                os.killpg(self.proc.pid, 15)
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, 9)
+
+
+# JS run inside the plugin's iframe (or the page itself when opened directly).
+FRAME_DOC = (
+    "(() => { const f = document.querySelector('iframe'); "
+    "try { return f && f.contentDocument && f.contentDocument.body ? f.contentDocument : null } "
+    "catch (e) { return null } })()"
+)
+
+
+def in_doc(expr: str, doc: str = FRAME_DOC) -> str:
+    return f"(() => {{ const d = {doc}; if (!d) return null; return ({expr}); }})()"
+
+
+# -- expectations from the files -----------------------------------------------------------------------
+
+
+def read_master(data_dir: Path) -> list[dict[str, str]]:
+    with (data_dir / "customer_analytics_master.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def tier_counts(data_dir: Path) -> Counter[str]:
+    return Counter(r["Tier"] for r in read_master(data_dir))
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # tools/demo.py prints paths relative to the repo, so its root must live inside it
+    # (test-artifacts/ is git-ignored).
+    root = Path(tempfile.mkdtemp(prefix="run-", dir=ARTIFACTS))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # the screenshots stay, directly under ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def demo_data(workdir: Path) -> Path:
+    started = time.monotonic()
+    data = run_demo(workdir / "demo")
+    print(f"demo run: {time.monotonic() - started:.0f} s")
+    return data
+
+
+@pytest.fixture(scope="module")
+def server(demo_data: Path, workdir: Path) -> Iterator[Server]:
+    with api_server(demo_data, workdir / "airflow") as srv:
+        yield srv
+
+
+# -- API tests ---------------------------------------------------------------------------------------
+
+
+def test_unauthenticated_requests_are_refused(server: Server) -> None:
+    anon = httpx.Client(base_url=server.url, timeout=30, follow_redirects=False)
+    for path in (
+        "/loyalty-tiers/api/summary",
+        "/loyalty-tiers/api/search?q=liam",
+        "/loyalty-tiers/data-docs/index.html",
+        "/loyalty-tiers/static/app.js",
+        "/loyalty-tiers/api/at-risk",
+    ):
+        resp = anon.get(path)
+        assert resp.status_code == 401, (path, resp.status_code, resp.text[:200])
+    bad = anon.get("/loyalty-tiers/api/summary", headers={"Authorization": "Bearer not-a-jwt"})
+    assert bad.status_code in (401, 403)
+    # The page itself sends a browser to Airflow's login, and back afterwards.
+    page = anon.get("/loyalty-tiers/")
+    assert page.status_code == 307 and "login" in page.headers["location"]
+    assert "customer" not in page.text.lower()
+
+
+def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
+    client = httpx.Client(
+        base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {server.token(VIEWER)}"}
+    )
+    summary = client.get("/loyalty-tiers/api/summary").json()
+    counts = tier_counts(demo_data)
+    assert summary["has_data"] is True
+    assert summary["data_dir"] == str(demo_data)  # from the Variable in the metadata DB
+    assert summary["total_customers"] == sum(counts.values())
+    assert {d["tier"]: d["count"] for d in summary["distribution"]} == {
+        t: counts.get(t, 0) for t in {d["tier"] for d in summary["distribution"]}
+    }
+    latest = json.loads((demo_data / "latest.json").read_text())
+    assert summary["as_of"] == latest["as_of"]
+    log = json.loads((demo_data / "tier_sync_log.json").read_text())
+    assert summary["sync"]["updated"] == log["updated"]
+    assert summary["sync"]["protected"] == log["protected"]
+    assert summary["sync"]["errors"] == log["errors"]
+    assert summary["sync"]["api_requests"] == log["api"]["requests"]
+    assert summary["sync"]["rate_limited"] == log["api"]["rate_limited"]
+    assert summary["sync"]["group_counts_match"] == log["group_counts_match"]
+    validation = json.loads((demo_data / "validation" / "latest.json").read_text())["summary"]
+    assert summary["validation"]["success"] == validation["success"]
+    assert summary["validation"]["evaluated"] == validation["evaluated"]
+
+    history = client.get("/loyalty-tiers/api/history").json()
+    with (demo_data / "tier_history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    last = history["points"][-1]
+    assert last["as_of"] == rows[-1]["as_of"]
+    assert last["counts"] == {r["tier"]: int(r["count"]) for r in rows if r["as_of"] == last["as_of"]}
+
+    moves = client.get("/loyalty-tiers/api/moves").json()["runs"]
+    key = sorted(p.name for p in (demo_data / "runs").iterdir())[-1]
+    with (demo_data / "runs" / key / "tier_changes.csv").open() as fh:
+        changes = list(csv.DictReader(fh))
+    assert moves[-1]["key"] == key
+    assert moves[-1]["changes"] == len(changes)
+    assert moves[-1]["new"] == sum(1 for c in changes if c["From"] == "")
+
+    risk = client.get("/loyalty-tiers/api/at-risk", params={"limit": 200}).json()
+    master = read_master(demo_data)
+    expected = {
+        r["Customer ID"]
+        for r in master
+        if r["Tier"] == "Sprout"
+        and float(r["Lifetime Value"]) < 250
+        and int(r["Purchases Last 30 Days"]) >= 3
+    }
+    assert {c["customer_id"] for c in risk["customers"]} == expected
+    assert risk["total"] == len(expected) and risk["exact"] == len(expected)
+    assert all("email" not in c for c in risk["customers"])
+
+    someone = next(r for r in master if r["Email"])
+    found = client.get("/loyalty-tiers/api/search", params={"q": someone["Email"].upper()}).json()
+    assert found["match"] == "exact" and found["customers"][0]["customer_id"] == someone["Customer ID"]
+    assert found["customers"][0]["tier"] == someone["Tier"]
+    assert found["customers"][0]["lifetime_value"]["dollars"] == someone["Lifetime Value"]
+    by_code = client.get("/loyalty-tiers/api/search", params={"q": someone["Customer Code"]}).json()
+    assert by_code["customers"][0]["customer_id"] == someone["Customer ID"]
+    detail = client.get(f"/loyalty-tiers/api/customers/{someone['Customer ID']}").json()
+    assert detail["tier"] == someone["Tier"]
+    assert client.get("/loyalty-tiers/api/customers/nope").status_code == 404
+
+    docs = client.get("/loyalty-tiers/data-docs/index.html")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    # A client normalises "../" away, so encode it: the app must confine the path itself.
+    escape = client.get("/loyalty-tiers/data-docs/%2e%2e/%2e%2e/latest.json")
+    assert escape.status_code == 404 and "run_id" not in escape.text
+
+    # The plugin is registered with the UI (navigation entry) and as a FastAPI app.
+    plugins = client.get("/api/v2/plugins").json()["plugins"]
+    ours = next(p for p in plugins if p["name"] == "loyalty_tiers")
+    assert ours["external_views"][0]["url_route"] == "loyalty-tiers"
+
+
+def test_empty_state(workdir: Path) -> None:
+    with api_server(None, workdir / "airflow-empty") as srv:
+        client = httpx.Client(
+            base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {srv.token()}"}
+        )
+        summary = client.get("/loyalty-tiers/api/summary").json()
+        assert summary["has_data"] is False and summary["distribution"] == []
+        assert client.get("/loyalty-tiers/api/at-risk").json()["total"] == 0
+        assert client.get("/loyalty-tiers/api/moves").json()["runs"] == []
+        assert client.get("/loyalty-tiers/api/search", params={"q": "someone"}).json()["total"] == 0
+        binary = ensure_chromium()
+        if binary is None:
+            pytest.skip("chromium is not installed and tools/install_chromium.sh could not install it")
+        browser = Browser(binary, workdir / "chrome-empty", height=900)
+        try:
+            login(browser, srv)
+            browser.navigate(f"{srv.url}/loyalty-tiers/")
+            doc = "document"
+            browser.wait_for(in_doc("d.body.dataset.ready === 'true'", doc), what="the page to load")
+            assert browser.eval(in_doc("!d.getElementById('empty').hidden", doc))
+            assert "No data yet" in browser.eval(in_doc("d.getElementById('empty').innerText", doc))
+            browser.screenshot(ARTIFACTS / "loyalty_tiers_empty.png")
+        finally:
+            browser.close()
+
+
+# -- the browser -------------------------------------------------------------------------------------
+
+
+def login(browser: Browser, server: Server, user: str = ADMIN) -> None:
+    """Through the Airflow UI's own login form (SimpleAuthManager)."""
+    browser.navigate(f"{server.url}/")
+    browser.wait_for("!!document.querySelector('input[name=username]')", what="the Airflow login form")
+    browser.type_into("input[name=username]", user)
+    browser.type_into("input[name=password]", server.passwords[user])
+    browser.eval("document.querySelector('button[type=submit]').click()")
+    browser.wait_for("!location.pathname.startsWith('/auth/')", what="the login to finish")
+
+
+def test_page_in_the_airflow_ui(server: Server, demo_data: Path) -> None:
+    binary = ensure_chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed and tools/install_chromium.sh could not install it")
+    browser = Browser(binary, server.home / "chrome-profile")
+    try:
+        login(browser, server)
+        browser.navigate(f"{server.url}/plugin/loyalty-tiers")
+        browser.wait_for(
+            in_doc("d.body.dataset.ready === 'true'"), timeout=90, what="the plugin page in the UI"
+        )
+        browser.wait_for(in_doc("!!d.querySelector('#risk-table, #risk p')"), what="the at-risk list")
+        assert browser.eval(in_doc("d.getElementById('error').hidden")), browser.eval(
+            in_doc("d.getElementById('error').innerText")
+        )
+        # Numbers shown vs the files.
+        counts = tier_counts(demo_data)
+        shown = browser.eval(
+            in_doc(
+                "Object.fromEntries([...d.querySelectorAll('#distribution .bar-row')].map("
+                "r => [r.dataset.tier, r.querySelector('.tier-count').innerText]))"
+            )
+        )
+        assert {t: int(v.replace(",", "")) for t, v in shown.items()} == {t: counts.get(t, 0) for t in shown}
+        assert int(
+            browser.eval(in_doc("d.getElementById('kpi-customers').innerText")).replace(",", "")
+        ) == sum(counts.values())
+        log = json.loads((demo_data / "tier_sync_log.json").read_text())
+        for elem, value in (
+            ("sync-updated", log["updated"]),
+            ("sync-protected", log["protected"]),
+            ("sync-errors", log["errors"]),
+            ("sync-requests", log["api"]["requests"]),
+            ("sync-429", log["api"]["rate_limited"]),
+        ):
+            assert browser.eval(in_doc(f"d.getElementById('{elem}').innerText")) == f"{value:,}", elem
+        assert browser.eval(in_doc("d.getElementById('sync-groups-match').innerText")) == (
+            "Yes" if log["group_counts_match"] else "No"
+        )
+        validation = json.loads((demo_data / "validation" / "latest.json").read_text())["summary"]
+        assert browser.eval(in_doc("d.getElementById('quality-result').innerText")) == (
+            "Passed" if validation["success"] else "Failed"
+        )
+        assert (
+            browser.eval(in_doc("d.getElementById('data-docs-link').getAttribute('href')"))
+            == "data-docs/index.html"
+        )
+        master = read_master(demo_data)
+        at_risk = sum(
+            1
+            for r in master
+            if r["Tier"] == "Sprout"
+            and float(r["Lifetime Value"]) < 250
+            and int(r["Purchases Last 30 Days"]) >= 3
+        )
+        assert int(browser.eval(in_doc("d.getElementById('kpi-at-risk').innerText"))) == at_risk
+        browser.screenshot(ARTIFACTS / "loyalty_tiers.png")
+
+        # Search inside the iframe: by customer code, then the detail shows tier and CLV.
+        someone = next(r for r in master if r["Tier"] == "Sprout")
+        browser.eval(in_doc("d.getElementById('search-q').focus()"))
+        browser.send("Input.insertText", text=someone["Customer Code"])
+        browser.eval(in_doc("d.getElementById('search-form').requestSubmit()"))
+        browser.wait_for(in_doc("!!d.getElementById('customer-detail')"), what="the search result")
+        assert browser.eval(in_doc("d.getElementById('customer-tier').innerText")).strip() == someone["Tier"]
+        clv = browser.eval(in_doc("d.getElementById('customer-clv').innerText"))
+        assert clv.replace("$", "").replace(",", "") == someone["Lifetime Value"]
+        assert (
+            browser.eval(in_doc("d.querySelectorAll('#customer-detail .tier-history tbody tr').length")) >= 1
+        )
+        browser.eval(in_doc("d.getElementById('customer-detail').scrollIntoView()"))
+        time.sleep(0.5)
+        browser.screenshot(ARTIFACTS / "loyalty_tiers_search.png")
+    finally:
+        browser.close()
