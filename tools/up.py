@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -550,6 +551,20 @@ def status(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
+def state_lock(state_dir: str) -> Iterator[None]:
+    """One `up`/`down` at a time per state dir (a second `make up` waits, then finds it running)."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "up.lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another `make up`/`make down` is working on {state}; waiting for it ...")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
 def _clear_errors() -> Iterator[None]:
     try:
         yield
@@ -564,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true", help="show what `make up` started")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8080),
                         help="UI/API port (default: $PORT or 8080)")
-    parser.add_argument("--host", default=os.environ.get("HOST") or "127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1",
                         help="address the api-server binds (default 127.0.0.1; 0.0.0.0 for other machines)")
     parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help="default .demo/up")
     parser.add_argument("--settings", default=str(REPO / "airflow_settings.yaml"))
@@ -573,11 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-onboarding", action="store_true", help="do not trigger the onboarding run")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each component")
     args = parser.parse_args(argv)
-    with _clear_errors():
+    if args.status:
+        return status(args)
+    with _clear_errors(), state_lock(args.state_dir):
         if args.down:
             return down(args)
-        if args.status:
-            return status(args)
         return up(args)
     return 1
 
