@@ -154,16 +154,30 @@ def signature(url: str) -> tuple[str, ...] | None:
     return tuple(f"{k}={info[k]}" for k in _SIGNATURE_KEYS if info.get(k) is not None)
 
 
+_loading: dict[tuple[str, str], threading.Lock] = {}
+
+
 def _cached(kind: str, url: str, key: Any, load: Callable[[], T]) -> T:
-    """`load()` once per (kind, url, key); a new key (a new file version) replaces the old entry."""
+    """`load()` once per (kind, url, key); a new key (a new file version) replaces the old entry.
+
+    Concurrent requests for the same entry wait for one load instead of each parsing the file
+    (two page loads right after a run must not double the memory the parse needs).
+    """
     with _lock:
         hit = _cache.get((kind, url))
         if hit is not None and hit[0] == key:
             value: T = hit[1]
             return value
-    value = load()
-    with _lock:
-        _cache[(kind, url)] = (key, value)
+        loading = _loading.setdefault((kind, url), threading.Lock())
+    with loading:
+        with _lock:
+            hit = _cache.get((kind, url))
+            if hit is not None and hit[0] == key:
+                done: T = hit[1]
+                return done
+        value = load()
+        with _lock:
+            _cache[(kind, url)] = (key, value)
     return value
 
 
@@ -178,6 +192,15 @@ def _ttl(kind: str, url: str, ttl: float, load: Callable[[], T]) -> T:
     with _lock:
         _ttl_cache[(kind, url)] = (now, value)
     return value
+
+
+def warm_up(data_dir: str, rules: TierRules | None = None) -> None:
+    """Parse the master and compute the at-risk dates now (e.g. in a background thread), so the
+    first person to open the page after a run does not wait for them."""
+    try:
+        _at_risk_all(data_dir, rules or TierRules())
+    except Exception:  # a half-written or unreadable data dir: the request will report it
+        log.exception("Dashboard: warm-up of %s failed", data_dir)
 
 
 def clear_cache() -> None:
@@ -364,6 +387,14 @@ def _sync_summary(doc: Any) -> dict[str, Any] | None:
     }
 
 
+def _check_note(item: Any) -> dict[str, Any]:
+    """A failed check or warning, without its example rows (the page shows what, not who)."""
+    if not isinstance(item, dict):
+        return {"message": str(item)}
+    keep = ("expectation", "message", "description", "column", "unexpected_count")
+    return {k: item[k] for k in keep if item.get(k) is not None}
+
+
 def _validation_summary(data_dir: str) -> dict[str, Any] | None:
     doc = _read_json(fileio.join(data_dir, VALIDATION_LATEST))
     if not isinstance(doc, dict):
@@ -376,8 +407,8 @@ def _validation_summary(data_dir: str) -> dict[str, Any] | None:
         "evaluated": summary.get("evaluated"),
         "successful": summary.get("successful"),
         "failed": summary.get("failed") or [],
-        "failed_details": list(summary.get("failed_details") or [])[:20],
-        "warnings": summary.get("warnings") or [],
+        "failed_details": [_check_note(d) for d in list(summary.get("failed_details") or [])[:20]],
+        "warnings": [_check_note(w) for w in list(summary.get("warnings") or [])[:20]],
         "notes": summary.get("notes") or [],
         "row_count": summary.get("row_count"),
         "data_docs": has_docs,
@@ -518,19 +549,55 @@ def moves(data_dir: str, limit: int = 60) -> dict[str, Any]:
 # -- at-risk customers --------------------------------------------------------------------------------
 
 
-def _window_purchases(data_dir: str, ids: list[str], as_of: datetime) -> dict[str, list[int]] | None:
-    """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`.
+STORE_BATCH_ROWS = 131_072  # rows decoded at a time while scanning the order store
 
-    Reads only the sales of these customers from the order store (every version of every sale one
-    of them ever owned, so the engine's as-of view picks the same version it did). None when the
-    store cannot be read.
+
+def _scan_sales(urls: list[str], columns: list[str] | None, key: str, values: Any) -> Any:
+    """Rows of the sales segments whose `key` is in `values`, streamed a batch at a time.
+
+    The api-server must not hold the store in memory: Parquet row groups are up to a million rows,
+    so the segments are read with iter_batches (pages decoded incrementally), not as a dataset.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from include.tier_sync.store import SALES_SCHEMA
+
+    schema = SALES_SCHEMA if columns is None else pa.schema([SALES_SCHEMA.field(c) for c in columns])
+    wanted = sorted({*(columns or SALES_SCHEMA.names), key})
+    parts = []
+    for url in urls:
+        if fileio.is_local(url):
+            source: Any = fileio.local_path(url)
+            handle = None
+        else:
+            fs, path = fileio.filesystem(url)
+            handle = source = fs.open(path, "rb")
+        try:
+            with pq.ParquetFile(source) as pf:
+                for batch in pf.iter_batches(batch_size=STORE_BATCH_ROWS, columns=wanted, use_threads=False):
+                    keep = batch.filter(pc.is_in(batch.column(key), value_set=values))
+                    if keep.num_rows:
+                        parts.append(pa.Table.from_batches([keep]).select(schema.names).cast(schema))
+        finally:
+            if handle is not None:
+                handle.close()
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def _window_purchases(data_dir: str, ids: list[str], as_of: datetime) -> dict[str, list[int]] | None:
+    """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`.
+
+    Reads only the sales of these customers from the order store: every version of every sale one
+    of them ever owned (so the engine's as-of view picks the same version it did, even for a sale
+    moved between customers). None when the store cannot be read.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from include.tier_sync.clv import qualifying_sales
-    from include.tier_sync.store import SALES, SALES_SCHEMA, OrderStore
+    from include.tier_sync.store import SALES, OrderStore
 
     root = fileio.join(data_dir, "store")
     try:
@@ -539,23 +606,18 @@ def _window_purchases(data_dir: str, ids: list[str], as_of: datetime) -> dict[st
         if not segs:
             return None
         urls = [store.segment_url(SALES, s["name"]) for s in segs]
-        if fileio.is_local(root):
-            dataset = ds.dataset([fileio.local_path(u) for u in urls], schema=SALES_SCHEMA, format="parquet")
-        else:
-            fs, _ = fileio.filesystem(root)
-            dataset = ds.dataset(
-                [fileio.filesystem(u)[1] for u in urls], schema=SALES_SCHEMA, format="parquet", filesystem=fs
-            )
-        wanted = pa.array(ids, type=pa.string())
-        owned = dataset.to_table(columns=["id"], filter=pc.field("customer_id").isin(wanted))
+        owned = _scan_sales(urls, ["id"], "customer_id", pa.array(ids, type=pa.string()))
         sale_ids = pc.unique(owned.column("id"))
-        table = dataset.to_table(filter=pc.field("id").isin(sale_ids))
+        table = _scan_sales(urls, None, "id", sale_ids) if len(sale_ids) else owned
     except Exception as exc:  # a missing/compacted segment, no store at all, a bad manifest
         log.warning("Dashboard: order store %s not readable for at-risk dates: %s", root, exc)
         return None
+    if not len(sale_ids):
+        return {cid: [] for cid in ids}
     import pandas as pd
 
     sales = table.to_pandas()
+    del table
     pos, amount, date = qualifying_sales(sales, pd.Series(ids, dtype=object), as_of)
     return _group_dates(pos, amount, date, ids)
 

@@ -14,6 +14,7 @@ aggregates, a page of a list, or search hits - never the whole master CSV.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -96,9 +97,18 @@ def static_file(name: str, _user: User) -> Response:
     return FileResponse(STATIC_DIR / name, media_type=media_type)
 
 
+_warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loyalty-tiers-warm-up")
+
+
 @app.get("/api/summary")
 def api_summary(_user: User) -> JSONResponse:
-    return _json(dashboard.summary(_data_dir()))
+    data_dir = _data_dir()
+    payload = dashboard.summary(data_dir)
+    if payload["has_master"]:
+        # The at-risk dates read the order store (seconds at 200k customers): start them now, in
+        # the background, while the browser renders the summary; later calls hit the cache.
+        _warmer.submit(dashboard.warm_up, data_dir, dashboard.resolve_rules())
+    return _json(payload)
 
 
 @app.get("/api/history")

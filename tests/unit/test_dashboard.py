@@ -449,3 +449,33 @@ def test_plugin_app_endpoints(local_dir: str, monkeypatch: pytest.MonkeyPatch) -
         assert client.get("/api/summary").headers["cache-control"] == "no-store"
     finally:
         app.dependency_overrides.clear()
+
+
+def test_concurrent_requests_parse_the_master_once(
+    tmp_path: Path, local_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    for name in ("customer_analytics_master.csv", "latest.json"):
+        fileio.copy(fileio.join(local_dir, name), str(tmp_path / name))
+    calls = []
+    real = dashboard._read_csv
+
+    def slow_read(url: str, usecols: list[str] | None = None) -> Any:
+        calls.append(url)
+        time.sleep(0.3)
+        return real(url, usecols)
+
+    monkeypatch.setattr(dashboard, "_read_csv", slow_read)
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(dashboard.load_master(str(tmp_path))))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(r) for r in results}) == 1
+    dashboard.warm_up(str(tmp_path), RULES)  # no store: approximated, and never raises
+    assert dashboard.at_risk(str(tmp_path), RULES)["total"] == 2

@@ -139,9 +139,12 @@ function renderHistory(hist) {
   axisY(svg, L, W - R, H - B, T, max, 4, (v) => fmtInt.format(Math.round(v)));
   const xs = (i) => (pts.length === 1 ? (L + W - R) / 2 : L + ((W - R - L) * i) / (pts.length - 1));
   const ys = (v) => H - B - ((H - B - T) * v) / max;
-  const step = Math.max(1, Math.ceil(pts.length / 8));
+  const step = Math.max(1, Math.ceil(pts.length / 6));
   pts.forEach((p, i) => {
-    if (i % step === 0 || i === pts.length - 1) svg.append(s("text", { x: xs(i), y: H - 10, "text-anchor": "middle" }, day(p.as_of)));
+    const last = i === pts.length - 1;
+    if (!last && (i % step !== 0 || pts.length - 1 - i < step)) return;  // keep labels apart
+    const x = Math.min(Math.max(xs(i), L + 30), W - R - 30);
+    svg.append(s("text", { x, y: H - 10, "text-anchor": "middle" }, day(p.as_of)));
   });
   for (const tier of hist.tiers) {
     const color = TIER_COLORS[tier];
@@ -161,33 +164,38 @@ function renderHistory(hist) {
 function renderMoves(data) {
   const runs = data.runs;
   if (!runs.length) { put("moves", h("p", { class: "muted" }, "No runs yet.")); put("moves-table"); return; }
-  const W = 960, H = 180, L = 52, R = 16, T = 14, B = 28;
+  // Upgrades above the line, downgrades below, on one symmetric scale. New customers (every
+  // customer on the first run) are labelled, not drawn: they would dwarf the daily moves.
+  const W = 960, H = 200, L = 52, R = 16, T = 18, B = 28;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "Upgrades and downgrades per run" });
-  const up = runs.map((r) => r.upgrades + r.new), down = runs.map((r) => r.downgrades);
-  const maxUp = niceMax(Math.max(1, ...up)), maxDown = Math.max(...down) > 0 ? niceMax(Math.max(...down)) : 0;
-  const total = maxUp + maxDown;
-  const zero = T + ((H - B - T) * maxUp) / total;
-  const scale = (H - B - T) / total;
+  const max = niceMax(Math.max(1, ...runs.map((r) => Math.max(r.upgrades, r.downgrades))));
+  const zero = T + (H - B - T) / 2;
+  const scale = (H - B - T) / 2 / max;
   svg.append(s("line", { x1: L, x2: W - R, y1: zero, y2: zero, class: "grid-line" }));
-  svg.append(s("text", { x: L - 6, y: T + 4, "text-anchor": "end" }, `+${fmtInt.format(maxUp)}`));
+  svg.append(s("line", { x1: L, x2: W - R, y1: T, y2: T, class: "grid-line", "stroke-dasharray": "2 4" }));
+  svg.append(s("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "grid-line", "stroke-dasharray": "2 4" }));
+  svg.append(s("text", { x: L - 6, y: T + 4, "text-anchor": "end" }, `+${fmtInt.format(max)}`));
   svg.append(s("text", { x: L - 6, y: zero + 4, "text-anchor": "end" }, "0"));
-  if (maxDown) svg.append(s("text", { x: L - 6, y: H - B + 4, "text-anchor": "end" }, `−${fmtInt.format(maxDown)}`));
+  svg.append(s("text", { x: L - 6, y: H - B + 4, "text-anchor": "end" }, `−${fmtInt.format(max)}`));
   const slot = (W - L - R) / Math.max(runs.length, 6);
-  const bw = Math.max(4, Math.min(48, slot * 0.6));
+  const bw = Math.max(3, Math.min(40, slot * 0.6));
   const step = Math.max(1, Math.ceil(runs.length / 10));
   runs.forEach((r, i) => {
     const x = L + slot * i + (slot - bw) / 2;
-    const hu = r.upgrades * scale, hn = r.new * scale, hd = r.downgrades * scale;
+    const hu = r.upgrades * scale, hd = r.downgrades * scale;
     const tip = `${day(r.as_of)}: ${r.upgrades} upgrades, ${r.downgrades} downgrades, ${r.new} new`;
-    svg.append(s("rect", { x, y: zero - hu, width: bw, height: hu, fill: "var(--good)" }, s("title", {}, tip)));
-    svg.append(s("rect", { x, y: zero - hu - hn, width: bw, height: hn, fill: "var(--t-ftb)", opacity: 0.55 }, s("title", {}, tip)));
-    svg.append(s("rect", { x, y: zero, width: bw, height: hd, fill: "var(--bad)" }, s("title", {}, tip)));
+    const g = s("g", {}, s("title", {}, tip));
+    g.append(s("rect", { x: x - 2, y: T, width: bw + 4, height: H - B - T, fill: "transparent" }));
+    g.append(s("rect", { x, y: zero - hu, width: bw, height: hu, fill: "var(--good)" }));
+    g.append(s("rect", { x, y: zero, width: bw, height: hd, fill: "var(--bad)" }));
+    if (r.new) g.append(s("text", { x: x + bw / 2, y: zero - hu - 4, "text-anchor": "middle", style: "fill:var(--t-ftb)" }, `+${fmtInt.format(r.new)} new`));
+    svg.append(g);
     if (i % step === 0 || i === runs.length - 1) svg.append(s("text", { x: x + bw / 2, y: H - 8, "text-anchor": "middle" }, day(r.as_of)));
   });
   put("moves", svg, h("div", { class: "legend" },
     h("span", {}, h("span", { class: "swatch", style: "background:var(--good)" }), "upgrades"),
     h("span", {}, h("span", { class: "swatch", style: "background:var(--bad)" }), "downgrades"),
-    h("span", {}, h("span", { class: "swatch", style: "background:var(--t-ftb);opacity:.55" }), "new customers (first tier)")));
+    h("span", {}, h("span", { class: "swatch", style: "background:var(--t-ftb)" }), "new customers (given their first tier), labelled")));
   const recent = runs.slice(-8).reverse();
   put("moves-table", h("table", { id: "moves-runs" },
     h("thead", {}, h("tr", {}, h("th", {}, "Run (as of)"), h("th", { class: "num" }, "Upgrades"), h("th", { class: "num" }, "Downgrades"),
@@ -239,8 +247,11 @@ function renderQuality(q) {
     stat("Failed", n(q.failed.length), q.failed.length ? "bad" : "", "quality-failed"),
     stat("Rows checked", n(q.row_count), "", "quality-rows"),
   );
-  const failed = q.failed.length ? h("ul", {}, q.failed.map((f) => h("li", { style: "color:var(--bad)" }, f))) : null;
-  const warnings = q.warnings.length ? h("ul", {}, q.warnings.map((w) => h("li", { style: "color:var(--warn)" }, typeof w === "string" ? w : JSON.stringify(w)))) : null;
+  const note = (c) => c.message || c.description || c.expectation || "";
+  const details = q.failed_details.length ? q.failed_details : q.failed.map((f) => ({ expectation: f }));
+  const failed = details.length ? h("ul", { id: "quality-failures" }, details.map((c) => h("li", { style: "color:var(--bad)", title: c.description || "" }, note(c)))) : null;
+  const warnings = q.warnings.length ? h("div", {}, h("div", { class: "l muted" }, "Warnings (do not block the run):"),
+    h("ul", { id: "quality-warnings" }, q.warnings.map((w) => h("li", { style: "color:var(--warn)", title: w.description || "" }, note(w))))) : null;
   const link = q.data_docs
     ? h("p", {}, h("a", { href: "data-docs/index.html", target: "_blank", rel: "noopener", id: "data-docs-link" }, "Open the Data Docs ↗"))
     : h("p", { class: "muted" }, "No Data Docs site was written.");
@@ -364,13 +375,16 @@ async function main() {
       return;
     }
     byId("content").hidden = false;
-    const [hist, movesData, risk] = await Promise.all([api("api/history"), api("api/moves"), loadRisk()]);
-    renderKpis(sum, risk, movesData);
     renderDistribution(sum);
-    renderHistory(hist);
-    renderMoves(movesData);
     renderSync(sum.sync);
     renderQuality(sum.validation);
+    put("risk", h("p", { class: "muted" }, "Working out drop dates from the order store…"));
+    // Each section renders as soon as its data arrives (the at-risk dates take longest).
+    const hist = api("api/history").then((d) => { renderHistory(d); return d; });
+    const movesData = api("api/moves").then((d) => { renderMoves(d); return d; });
+    const risk = loadRisk();
+    renderKpis(sum, await risk, await movesData);
+    await hist;
   } catch (err) {
     showError(err);
   } finally {
