@@ -820,6 +820,9 @@ def search(data_dir: str, query: str, limit: int = 10, rules: TierRules | None =
     if not len(hits):
         return {"query": query, "match": "none", "total": 0, "customers": []}
     customers = [_customer_row(master, int(r)) for r in hits[:limit]]
+    if match != "exact":  # a partial query lists candidates: no emails until one is picked
+        for c in customers:
+            c.pop("email", None)
     if len(customers) <= 3:  # few enough to show each one's history and drop date
         risk = {e["customer_id"]: e for e in _at_risk_all(data_dir, rules or TierRules())[0]}
         for c in customers:

@@ -292,7 +292,9 @@ def test_search_prefix_short_and_missing(data_dir: str) -> None:
     rows = master_rows(data_dir)
     code = rows["c1"]["Customer Code"]
     prefix = dashboard.search(data_dir, code[:-1])
-    assert prefix["match"] in ("exact", "prefix") and "c1" in [c["customer_id"] for c in prefix["customers"]]
+    assert prefix["match"] == "prefix" and "c1" in [c["customer_id"] for c in prefix["customers"]]
+    assert all("email" not in c for c in prefix["customers"])  # emails only for the customer searched
+    assert dashboard.search(data_dir, code)["customers"][0]["email"] == rows["c1"]["Email"]
 
 
 def test_customer_detail(data_dir: str) -> None:

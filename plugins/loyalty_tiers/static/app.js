@@ -350,7 +350,12 @@ async function doSearch(ev) {
     const r = await api(`api/search?q=${encodeURIComponent(q)}&limit=10`);
     if (!r.total) { put("search-status", "No customer matches."); put("search-results"); return; }
     put("search-status", r.match === "exact" ? `${r.total} match${r.total === 1 ? "" : "es"}` : `${r.total} starting with “${q}”${r.total > r.customers.length ? `, first ${r.customers.length}` : ""}`);
-    if (r.customers.length === 1) { put("search-results"); put("customer", customerDetail(r.customers[0])); return; }
+    if (r.customers.length === 1) {
+      put("search-results");
+      if (r.match === "exact") put("customer", customerDetail(r.customers[0]));
+      else await showCustomer(r.customers[0].customer_id);  // the full record, email included
+      return;
+    }
     put("search-results", h("table", { id: "search-table" },
       h("thead", {}, h("tr", {}, h("th", {}, "Customer"), h("th", {}, "Code"), h("th", {}, "Tier"), h("th", { class: "num" }, "Lifetime value"))),
       h("tbody", {}, r.customers.map((c) => h("tr", {},
