@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 
-.PHONY: install demo test lint typecheck bench lock clean up down
+.PHONY: install demo test lint typecheck bench lock clean up down chromium
 
 install: $(STAMP)
 
@@ -27,14 +27,17 @@ up: install
 down: install
 	$(BIN)/python -m tools.up --down
 
-test: install
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
+# Debian's Chromium + chromedriver for the UI end-to-end test (no-op when already installed).
+chromium:
+	bash tools/install_chromium.sh
+
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check . || true
 
 typecheck: install
 	$(BIN)/mypy
@@ -42,6 +45,7 @@ typecheck: install
 bench: install
 	$(BIN)/python bench/parse_time.py
 	$(BIN)/python bench/transform.py
+	$(BIN)/python bench/sync_requests.py
 
 lock:
 	uv pip compile --python-version 3.11 requirements.in -o requirements.txt --no-header

@@ -18,7 +18,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -216,16 +215,9 @@ def _split_addresses(value: Any) -> list[str]:
 
 
 def _alert_emails_variable() -> str | None:
-    env = os.environ.get(f"AIRFLOW_VAR_{VAR_ALERT_EMAILS.upper()}")
-    if env is not None:
-        return env
-    try:
-        from airflow.sdk import Variable
+    from include.tier_sync.settings import variable
 
-        value = Variable.get(VAR_ALERT_EMAILS, default=None)
-    except Exception:  # no Variable backend reachable here
-        return None
-    return None if value is None else str(value)
+    return variable(VAR_ALERT_EMAILS)
 
 
 def _send_smtp(conn: Any, conn_id: str, subject: str, text: str) -> str:

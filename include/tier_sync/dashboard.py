@@ -75,26 +75,14 @@ _settings_cache: dict[str, tuple[float, str | None]] = {}
 
 
 def _variable(name: str) -> str | None:
-    """A Variable in the api-server: env AIRFLOW_VAR_*, then the metadata DB / secrets backends.
-
-    `settings._variable` goes through the Task SDK, which only works inside a task; the
-    api-server has the metadata DB, so it reads the Variable model directly.
-    """
+    """A Variable as the api-server sees it (settings.variable), cached for SETTINGS_TTL_S."""
     now = time.monotonic()
     hit = _settings_cache.get(name)
     if hit is not None and now - hit[0] < SETTINGS_TTL_S:
         return hit[1]
-    value = os.environ.get(f"AIRFLOW_VAR_{name.upper()}")
-    if value is None:
-        try:
-            # The model, not airflow.sdk.Variable: outside a task the SDK cannot reach the
-            # metadata DB (it raises VARIABLE_NOT_FOUND for a Variable set in the UI).
-            from airflow.models import Variable
+    from include.tier_sync import settings
 
-            value = Variable.get(name, default_var=None)  # noqa: AIR311
-        except Exception as exc:  # no metadata DB (unit tests) or no such Variable backend
-            log.debug("Variable %s not readable from the metadata DB: %s", name, exc)
-            value = None
+    value = settings.variable(name)
     _settings_cache[name] = (now, value)
     return value
 
@@ -218,19 +206,10 @@ def _read_json(url: str) -> Any:
 
 
 def _read_csv(url: str, usecols: list[str] | None = None) -> Any:
-    """A CSV the pipeline wrote, all columns str, "None"/"" literal (master_csv.read_csv_str)."""
-    import io
+    """A CSV the pipeline wrote, all columns str, "None"/"" literal."""
+    from include.tier_sync.master_csv import read_csv_str
 
-    import pandas as pd
-
-    return pd.read_csv(
-        io.BytesIO(fileio.read_bytes(url)),
-        dtype=str,
-        keep_default_na=False,
-        na_filter=False,
-        usecols=usecols,
-        encoding="utf-8",
-    )
+    return read_csv_str(url, usecols=usecols)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

@@ -114,21 +114,39 @@ def _dollars_to_cents(value: Any) -> int:
     return to_cents(value)
 
 
-def _variable(name: str, default: str | None = None) -> str | None:
-    """An Airflow Variable (UI, env AIRFLOW_VAR_*, secrets backend), read only when called."""
+def variable(name: str, default: str | None = None) -> str | None:
+    """An Airflow Variable, read only when called: env AIRFLOW_VAR_*, then the Task SDK (inside a
+    task), then the metadata DB model (the api-server and CLI scripts, where the SDK cannot reach
+    Variables stored in the DB), then `default` (unit tests, bench: no Airflow at all)."""
     env = os.environ.get(f"AIRFLOW_VAR_{name.upper()}")
     if env is not None:
         return env
-    try:
-        from airflow.sdk import Variable
+    for read in (_sdk_variable, _model_variable):
+        try:
+            value = read(name)
+        except Exception:  # this reader is not available in this process; try the next one
+            continue
+        if value is not None:
+            return value
+    return default
 
-        return Variable.get(name, default=default)
-    except Exception:  # no Airflow context (unit tests, bench): the default applies
-        return default
+
+def _sdk_variable(name: str) -> str | None:
+    from airflow.sdk import Variable
+
+    value = Variable.get(name, default=None)
+    return None if value is None else str(value)
+
+
+def _model_variable(name: str) -> str | None:
+    from airflow.models import Variable
+
+    value = Variable.get(name, default_var=None)  # noqa: AIR311 (the api-server's DB-backed accessor)
+    return None if value is None else str(value)
 
 
 def load_tier_rules() -> TierRules:
-    raw = _variable(VAR_RULES)
+    raw = variable(VAR_RULES)
     if not raw:
         return TierRules()
     try:
@@ -144,12 +162,12 @@ def airflow_home() -> str:
 
 def data_dir() -> str:
     """Where the order store, master CSV, logs and reports live: a local path or an fsspec URL."""
-    return _variable(VAR_DATA_DIR) or os.path.join(airflow_home(), "tier_sync_data")
+    return variable(VAR_DATA_DIR) or os.path.join(airflow_home(), "tier_sync_data")
 
 
 def git_remote() -> str:
     """Remote for the master CSV commit; default: a bare repository under the data dir."""
-    remote = _variable(VAR_GIT_REMOTE)
+    remote = variable(VAR_GIT_REMOTE)
     if remote:
         return remote
     base = data_dir()
@@ -161,4 +179,4 @@ def git_remote() -> str:
 
 
 def git_branch() -> str:
-    return _variable(VAR_GIT_BRANCH) or "main"
+    return variable(VAR_GIT_BRANCH) or "main"
