@@ -249,6 +249,7 @@ def base_env(paths: Paths) -> dict[str, str]:
     env.update(
         AIRFLOW_HOME=str(paths.home),
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),  # the "Loyalty tiers" UI page
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",  # `make up` unpauses after onboarding
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # standalone runs `airflow`

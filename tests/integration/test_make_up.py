@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,9 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     assert requests.get(f"{info['sim_url']}/customer_groups", timeout=10,
                         headers={"Authorization": f"Bearer {up_tool.SIM_TOKEN}"}).status_code == 200
 
+    # The project's UI plugin (plugins/) is loaded.
+    assert "loyalty_tiers" in {p["name"] for p in get("/plugins")["plugins"]}
+
     # The DAG is unpaused, and the onboarding run took the first scheduled slot and succeeds.
     dag = get(f"/dags/{DAG_ID}")
     assert dag["is_paused"] is False
@@ -127,8 +131,9 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     assert run.get("state") == "success", [(t["task_id"], t["map_index"], t["state"]) for t in tis]
     assert run["conf"] == {"allow_mass_change": True}
     # The run is the first scheduled slot: the newest complete daily interval.
-    assert run["logical_date"] == dag["next_dagrun_logical_date"] == run["data_interval_start"]
-    assert run["data_interval_end"] == dag["next_dagrun_data_interval_end"]
+    end = up_tool.latest_boundary(datetime.now(tz=UTC))
+    assert run["data_interval_end"] == end.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert run["logical_date"] == run["data_interval_start"] == (end - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     runs = get(f"/dags/{DAG_ID}/dagRuns")["dag_runs"]
     assert [r["dag_run_id"] for r in runs] == [run_id]  # no scheduled duplicate of the slot
     assert any(t["task_id"] == "sync_batch" and t["pool"] == "lightspeed_api" for t in tis)
