@@ -51,4 +51,5 @@ lock:
 	uv pip compile --python-version 3.11 requirements.in -o requirements.txt --no-header
 
 clean:
+	-test -x $(BIN)/python && $(BIN)/python -m tools.up --down
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info
