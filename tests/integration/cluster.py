@@ -482,7 +482,9 @@ class AirflowCluster:
                 if proc.poll() is not None:
                     raise ClusterError(f"{name} exited with {proc.returncode} during start-up\n{tail(self.log_path(name))}")
             h = self.health()
-            return bool(h) and all((h.get(c) or {}).get("status") == "healthy" for c in components)
+            if not h:
+                return False
+            return all((h.get(c) or {}).get("status") == "healthy" for c in components)
 
         wait_until(ok, timeout=timeout, what=f"a healthy cluster ({', '.join(components)})", interval=2,
                    diagnostics=lambda: f"health: {self.health()}\n" + self.log_tails())

@@ -29,7 +29,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -122,7 +123,7 @@ class Pos:
             return match(method, sub, full)
 
         self.sim.route = recording_route  # type: ignore[method-assign]
-        self.sim.faults.match = counting_match  # type: ignore[method-assign]
+        self.sim.faults.match = counting_match  # type: ignore[method-assign,assignment]
 
     def membership_writes(self, since: int = 0) -> list[Write]:
         """Accepted writes that put customers somewhere (membership POST/DELETE, customer PUT)."""
@@ -180,6 +181,9 @@ class Deployment:
         return "\n".join(out)
 
 
+DeployFn = Callable[[SimStore], AbstractContextManager[Deployment]]
+
+
 def demo_store(customers: int = 300, seed: int = 42) -> SimStore:
     # Every record predates "now" (a few minutes back), so a run triggered now sees all of it.
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
@@ -198,9 +202,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowCluster
 
 
 @pytest.fixture(scope="module")
-def deploy(cluster: AirflowCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def deploy(cluster: AirflowCluster, tmp_path_factory: pytest.TempPathFactory) -> DeployFn:
     """`with deploy(store) as d:` a simulator serving `store`, the cluster pointed at it."""
-    from contextlib import contextmanager
 
     @contextmanager
     def _deploy(store: SimStore) -> Iterator[Deployment]:
@@ -243,7 +246,7 @@ class Onboarding:
 
 
 @pytest.fixture(scope="module")
-def onboarding(deploy: Any) -> Iterator[Onboarding]:
+def onboarding(deploy: DeployFn) -> Iterator[Onboarding]:
     with deploy(demo_store()) as d:
         # Each membership call takes 3 s, so batches surely overlap if the pool lets them.
         d.pos.sim.faults.add("latency", seconds=3.0, method="POST", path=MEMBERSHIP_PATH.pattern)
@@ -346,7 +349,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_backfill_three_days(deploy: Any) -> None:
+def test_backfill_three_days(deploy: DeployFn) -> None:
     last = latest_boundary(datetime.now(UTC))  # end of the newest complete daily interval
     days = [last - timedelta(days=2), last - timedelta(days=1), last]  # the as_of of each run
     store = demo_store()
@@ -422,7 +425,7 @@ def read_master_tier(path: Path, customer_id: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def test_killed_worker_then_cleared_run_moves_each_customer_once(deploy: Any) -> None:
+def test_killed_worker_then_cleared_run_moves_each_customer_once(deploy: DeployFn) -> None:
     with deploy(demo_store()) as d:
         c, pos = d.cluster, d.pos
         # Slow membership calls: the kill lands while writes are in flight.
