@@ -1085,16 +1085,20 @@ def verify_group_counts(
 # --------------------------------------------------------------------------------------------
 
 
-def decide_writes(paths: RunPaths, *, dry_run: bool, run_type: str | None = None) -> tuple[bool, str | None]:
+def decide_writes(
+    paths: RunPaths, *, dry_run: bool, run_type: str | None = None, latest_interval: bool = False
+) -> tuple[bool, str | None]:
     """Whether this run may write to the POS, and why not.
 
-    Only the newest run writes: a dry run, a back-filled run, or a run whose as_of is older than
-    the newest computed run (``latest.json``) plans and logs but skips the writes.
+    Only the latest run writes: a dry run, a back-filled run of an older interval, or a run whose
+    as_of is older than the newest published run (``latest.json``) plans and logs but skips the
+    writes. A back-filled run of the newest interval that has ended (``latest_interval``: no
+    later interval has closed yet) *is* the latest run, e.g. after the DAG was paused for days.
     """
     if dry_run:
         return False, "dry_run"
-    if run_type is not None and str(run_type).lower() == "backfill":
-        return False, "backfill run: only the latest run writes to the POS"
+    if run_type is not None and str(run_type).lower() == "backfill" and not latest_interval:
+        return False, "backfill run of an older interval: only the latest run writes to the POS"
     if not is_newest_run(paths):
         newest = newest_published_as_of(paths)
         return False, f"superseded: a newer run (as_of {newest}) exists; only the latest run writes"

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from include.tier_sync import fileio, settings
-from include.tier_sync.runtime import RunPaths, resolve_as_of, run_identity
+from include.tier_sync.runtime import RunPaths, resolve_as_of, run_identity, to_utc
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,19 @@ def commit_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict
 # --------------------------------------------------------------------------------------------
 
 
+def is_latest_interval(context: Mapping[str, Any], now: datetime | None = None) -> bool:
+    """True when no later data interval has ended yet (the run covers the newest closed interval).
+
+    The schedule's period is read off the run's own interval, so this holds for any fixed-period
+    schedule; a run without an interval (manual) is not a back-fill and does not need it.
+    """
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is None or end is None or not end > start:
+        return False
+    now = now or datetime.now(tz=UTC)
+    return bool(now < to_utc(end) + (to_utc(end) - to_utc(start)))
+
+
 def _read_master(paths: RunPaths) -> Any:
     from include.tier_sync.master_csv import read_csv_str
 
@@ -144,7 +158,9 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     params = _params(context)
     identity = run_identity(context)
     dry_run = bool(params.get("dry_run"))
-    writes_allowed, reason = decide_writes(paths, dry_run=dry_run, run_type=identity.get("run_type"))
+    writes_allowed, reason = decide_writes(
+        paths, dry_run=dry_run, run_type=identity.get("run_type"), latest_interval=is_latest_interval(context)
+    )
     if reason:
         log.info("Writes to Lightspeed are skipped for this run: %s", reason)
     store = OrderStore(paths.store)

@@ -10,7 +10,7 @@ simulator (a thread of this test process), and check the outcome against tests/i
   `sync_batch` instances running at once, from task-instance start/end times, and did run 2 at
   once (so the check is not vacuous); the simulator saw the same from its side;
 * `airflow backfill create` over three days makes one run per day, each computing tiers as of
-  its own day (tier history rows per day), none writing to the POS;
+  its own day (tier history rows per day), only the newest day writing to the POS;
 * the scheduler and its LocalExecutor workers are killed mid-sync; after a restart and
   `airflow dags clear --run-id`, the run ends in exactly the right groups and no customer
   received two membership writes.
@@ -362,9 +362,11 @@ def test_backfill_three_days(deploy: DeployFn) -> None:
         c = d.cluster
         before = {r.run_id for r in c.dag_runs(DAG_ID)}
         # --from/--to are inclusive bounds on logical_date, which is the *start* of each interval.
+        # The newest day is the store's first sync, hence allow_mass_change (the breaker would stop it).
         c.airflow("backfill", "create", "--dag-id", DAG_ID,
                   "--from-date", (days[0] - timedelta(days=1)).isoformat(),
                   "--to-date", (days[-1] - timedelta(days=1)).isoformat(),
+                  "--dag-run-conf", json.dumps({"allow_mass_change": True}),
                   log_name="backfill-create")
 
         def backfill_runs() -> list[Any]:
@@ -407,13 +409,17 @@ def test_backfill_three_days(deploy: DeployFn) -> None:
         ]
         assert tiers_of_riser == ["Seed", "Evergreen", "Evergreen"]
 
-        # None of them wrote to the POS: no write request at all, every sync_batch skipped.
-        assert d.pos.writes == []
-        for r in runs:
+        # Only the latest wrote to the POS: the two older days planned and logged, skipping the
+        # writes (every sync_batch skipped); the newest day is the latest run and synced the groups
+        # exactly as of its own day.
+        for r in runs[:2]:
             states = {ti.task_id: ti.state for ti in c.task_instances(DAG_ID, r.run_id)}
             assert states.get("plan_sync") == "success" and states.get("sync_batch") == "skipped", states
             log = json.loads((d.run_dir(r.run_id) / "tier_sync_log.json").read_text())
             assert log["synced"] is False and "backfill" in str(log["skipped_reason"]), log
+        log = json.loads((d.run_dir(runs[-1].run_id) / "tier_sync_log.json").read_text())
+        assert log["synced"] is True and log["updated"] == log["planned_moves"] > 0 and log["errors"] == 0, log
+        assert d.pos.membership_writes() and d.pos.final_group_names() == d.pos.expected_group_names(days[-1])
 
 
 def read_master_tier(path: Path, customer_id: str) -> str:

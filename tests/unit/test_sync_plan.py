@@ -319,6 +319,9 @@ def test_latest_log_only_from_the_newest_run(tmp_path: Path) -> None:
     assert sync.decide_writes(new, dry_run=False) == (True, None)
     assert sync.decide_writes(new, dry_run=True)[0] is False
     assert sync.decide_writes(new, dry_run=False, run_type="backfill")[0] is False
+    # A back-fill of the newest closed interval is the latest run; of an older one it is not.
+    assert sync.decide_writes(new, dry_run=False, run_type="backfill", latest_interval=True) == (True, None)
+    assert sync.decide_writes(old, dry_run=False, run_type="backfill", latest_interval=True)[0] is False
 
 
 # -- groups ------------------------------------------------------------------------------------
