@@ -155,9 +155,16 @@ def test_end_to_end_under_celery_executor(tmp_path: Path, redis_keys: set[str]) 
             assert all(t["queue"] == queue and t["hostname"] for t in ran), ran
             celery_ids = [t["celery_id"] for t in ran]
             assert all(celery_ids), ran
-            backend = dict(cluster.sql(
-                "SELECT task_id, status FROM celery_taskmeta WHERE task_id = ANY(%s)", (celery_ids,)
-            ))
+            # The worker stores a task's final Celery state just after Airflow sees the task end,
+            # so the last one can still read STARTED for a moment: wait (bounded) for the backend.
+            deadline = time.monotonic() + 60
+            while True:
+                backend = dict(cluster.sql(
+                    "SELECT task_id, status FROM celery_taskmeta WHERE task_id = ANY(%s)", (celery_ids,)
+                ))
+                if backend == dict.fromkeys(celery_ids, "SUCCESS") or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
             assert backend == dict.fromkeys(celery_ids, "SUCCESS")
             worker_log = cluster.log_path("celery-worker").read_text(errors="replace")
             assert f"{worker}@" in worker_log
