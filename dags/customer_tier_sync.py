@@ -135,7 +135,7 @@ def customer_tier_sync() -> None:
         from include.tier_sync.tasks import sync_batch_task
 
         context = get_current_context()
-        context["batch_label"] = f"{ref.get('tier')} ({ref.get('size')} customers)"  # type: ignore[typeddict-unknown-key]
+        context["batch_label"] = ref.get("batch") or f"{ref.get('tier')} ({ref.get('size')})"  # type: ignore[typeddict-unknown-key]
         return sync_batch_task(context, ref)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)

@@ -532,6 +532,7 @@ def write_batches(
         [len(v) for v in by_tier.values()], max_batches=max_batches, calls_per_batch=calls_per_batch
     )
     per_batch = cpb * CALL_SIZE
+    total = sum(math.ceil(len(v) / per_batch) for v in by_tier.values())
     refs: list[dict[str, Any]] = []
     for tier in TIERS:
         for chunk in _chunks(by_tier[tier], per_batch):
@@ -542,6 +543,7 @@ def write_batches(
                 "format": BATCH_FORMAT,
                 "plan_id": plan_id,
                 "index": index,
+                "of": total,
                 "tier": tier,
                 "group_id": group_id,
                 "group_name": groups.names.get(group_id) if groups is not None else None,
@@ -556,7 +558,7 @@ def write_batches(
                     "tier": tier,
                     "group_id": group_id,
                     "size": len(chunk),
-                    "batch": f"batch-{index:04d} {tier} ({len(chunk)})",
+                    "batch": f"batch {index}/{total}: {tier} ({len(chunk)})",
                 }
             )
     doc: dict[str, Any] = {
@@ -694,8 +696,9 @@ def sync_batch(
     result["api"] = _diff(_stats(client), stats_before)
     fileio.write_json(result_path(ref_path), result)
     log.info(
-        "Batch %s (%s, %s customers): %s updated, %s skipped, %s changed in POS, %s errors; %s requests",
+        "Batch %s of %s (%s, %s customers): %s updated, %s skipped, %s changed in POS, %s errors; %s requests",
         batch.get("index"),
+        batch.get("of", "?"),
         batch.get("tier"),
         len(moves),
         result["updated"],
