@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -183,22 +183,15 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _coerce_int(value: Any, default: int) -> int:
+_N = TypeVar("_N", int, float)
+
+
+def _coerce(value: Any, default: _N, cast: Callable[[str], _N]) -> _N:
     """Connection extras may arrive as strings ("2"); fall back to the default on junk."""
     if value is None or value == "":
         return default
     try:
-        return int(str(value).strip())
-    except ValueError:
-        log.warning("Ignoring a non-integer Lightspeed connection setting; using %s", default)
-        return default
-
-
-def _coerce_float(value: Any, default: float) -> float:
-    if value is None or value == "":
-        return default
-    try:
-        return float(str(value).strip())
+        return cast(str(value).strip())
     except ValueError:
         log.warning("Ignoring a non-numeric Lightspeed connection setting; using %s", default)
         return default
@@ -352,12 +345,12 @@ class LightspeedClient:
             port=conn.port,
             schema=conn.schema,
         )
-        registers = max(1, _coerce_int(extra.get("registers"), 1))
+        registers = max(1, _coerce(extra.get("registers"), 1, int))
         kwargs: dict[str, Any] = {
             "conn_id": conn_id,
-            "page_size": max(1, _coerce_int(extra.get("page_size"), DEFAULT_PAGE_SIZE)),
-            "timeout": _coerce_float(extra.get("timeout"), DEFAULT_TIMEOUT),
-            "max_retries": max(0, _coerce_int(extra.get("max_retries"), DEFAULT_MAX_RETRIES)),
+            "page_size": max(1, _coerce(extra.get("page_size"), DEFAULT_PAGE_SIZE, int)),
+            "timeout": _coerce(extra.get("timeout"), DEFAULT_TIMEOUT, float),
+            "max_retries": max(0, _coerce(extra.get("max_retries"), DEFAULT_MAX_RETRIES, int)),
             "registers": registers,
         }
         kwargs.update(overrides)

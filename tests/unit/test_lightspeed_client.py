@@ -25,6 +25,7 @@ from include.tier_sync.lightspeed import (
     resolve_base_url,
 )
 from include.tier_sync.rate_budget import RateBudget
+from tests.unit.fakes import FakeTime
 
 if TYPE_CHECKING:
     import requests_mock as rm
@@ -35,19 +36,6 @@ BASE = "https://acme.retail.lightspeed.app/api/2.0"
 TOKEN = "lsxs_pt_SuperSecretToken123"
 
 
-class FakeTime:
-    """Epoch clock that moves only when the client sleeps."""
-
-    def __init__(self, start: float = 1_795_000_000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

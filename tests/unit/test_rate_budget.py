@@ -9,23 +9,11 @@ from pathlib import Path
 import pytest
 
 from include.tier_sync.rate_budget import RateBudget, default_reserve, store_limit
+from tests.unit.fakes import FakeTime
 
 pytestmark = pytest.mark.unit
 
 
-class FakeTime:
-    """A clock that only moves when someone sleeps."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def test_store_limit_and_reserve() -> None:
