@@ -527,27 +527,8 @@ class LightspeedClient:
                     method, url, params=params, data=data, headers=headers, timeout=self.timeout
                 )
             except _RETRYABLE_NETWORK_ERRORS as exc:
-                kind = type(exc).__name__
                 # A non-idempotent write may have been applied before the error: its caller decides.
-                if failures >= self.max_retries or not idempotent:
-                    log.error("Lightspeed %s %s failed: %s (after %d retries)", method, path, kind, failures)
-                    raise LightspeedUnavailable(
-                        f"Lightspeed {method} {path} failed on connection '{self.conn_id}': {kind} "
-                        f"(after {failures} retries)"
-                    ) from None
-                delay = self._backoff(failures)
-                failures += 1
-                log.warning(
-                    "Lightspeed %s %s: %s; retry %d/%d in %.1f s",
-                    method,
-                    path,
-                    kind,
-                    failures,
-                    self.max_retries,
-                    delay,
-                )
-                self.stats.retries += 1
-                self._sleep(delay)
+                failures = self._retry_transient(method, path, type(exc).__name__, failures, idempotent)
                 continue
 
             status = resp.status_code
@@ -557,27 +538,9 @@ class LightspeedClient:
                     return _loads(resp.content)
                 except ValueError:
                     # A cut-off body: transient, like a 5xx.
-                    status_note = f"{status} with an unreadable body"
-                    if failures >= self.max_retries or not idempotent:
-                        log.error("Lightspeed %s %s -> %s", method, path, status_note)
-                        raise LightspeedUnavailable(
-                            f"Lightspeed {method} {path} returned {status_note} on connection "
-                            f"'{self.conn_id}'",
-                            status=status,
-                        ) from None
-                    delay = self._backoff(failures)
-                    failures += 1
-                    log.warning(
-                        "Lightspeed %s %s -> %s; retry %d/%d in %.1f s",
-                        method,
-                        path,
-                        status_note,
-                        failures,
-                        self.max_retries,
-                        delay,
+                    failures = self._retry_transient(
+                        method, path, f"{status} with an unreadable body", failures, idempotent, status
                     )
-                    self.stats.retries += 1
-                    self._sleep(delay)
                     continue
 
             if status in (401, 403):
@@ -625,26 +588,28 @@ class LightspeedClient:
                     status=status,
                 )
             # 5xx (and anything unexpected, e.g. a 3xx we did not follow): transient.
-            if failures >= self.max_retries or not idempotent:
-                log.error("Lightspeed %s %s -> %d (after %d retries)", method, path, status, failures)
-                raise LightspeedUnavailable(
-                    f"Lightspeed {method} {path} -> {status} on connection '{self.conn_id}' "
-                    f"(after {failures} retries)",
-                    status=status,
-                )
-            delay = self._backoff(failures)
-            failures += 1
-            log.warning(
-                "Lightspeed %s %s -> %d; retry %d/%d in %.1f s",
-                method,
-                path,
-                status,
-                failures,
-                self.max_retries,
-                delay,
-            )
-            self.stats.retries += 1
-            self._sleep(delay)
+            failures = self._retry_transient(method, path, str(status), failures, idempotent, status)
+
+    def _retry_transient(
+        self, method: str, path: str, what: str, failures: int, idempotent: bool, status: int | None = None
+    ) -> int:
+        """Back off before re-sending after a transient failure; raise once the retries are spent.
+
+        Returns the new failure count. A non-idempotent request is never re-sent: it may have been
+        applied, and only its caller can tell.
+        """
+        if failures >= self.max_retries or not idempotent:
+            log.error("Lightspeed %s %s -> %s (after %d retries)", method, path, what, failures)
+            raise LightspeedUnavailable(
+                f"Lightspeed {method} {path} -> {what} on connection '{self.conn_id}' (after {failures} retries)",
+                status=status,
+            ) from None
+        delay = self._backoff(failures)
+        failures += 1
+        log.warning("Lightspeed %s %s -> %s; retry %d/%d in %.1f s", method, path, what, failures, self.max_retries, delay)
+        self.stats.retries += 1
+        self._sleep(delay)
+        return failures
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with jitter (half fixed, half random) so parallel tasks spread out."""
