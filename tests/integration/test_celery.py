@@ -5,7 +5,7 @@ it: scheduler, api-server and dag-processor (tests/integration/cluster.py) plus 
 `airflow celery worker`, PostgreSQL as metadata DB *and* Celery result backend, Redis as broker.
 Only configuration differs from the embedded default. The test triggers the onboarding run
 (`{"allow_mass_change": true}`), waits for success, checks every customer's final group against the
-independent oracle (tests/integration/oracle.py), and proves each task instance went through
+independent oracle (tests/oracle.py), and proves each task instance went through
 Celery and ran on the worker: its Celery task id (`external_executor_id`) is a SUCCESS row in the
 PostgreSQL result backend and shows up in the worker's log, and it was routed to the worker's queue.
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration import oracle
+from tests import oracle
 from tests.integration.cluster import AirflowCluster, max_overlap, postgres_unavailable_reason
 from tools.lightspeed_sim import generate_demo_store
 from tools.lightspeed_sim.testing import running_simulator

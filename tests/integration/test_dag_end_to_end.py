@@ -1,7 +1,7 @@
 """The whole DAG through `airflow dags test`, against the simulator over real HTTP.
 
 Each test gets its own AIRFLOW_HOME (a copy of one migrated SQLite DB), data dir, git remote and
-simulator store, and checks outcomes against tests/integration/oracle.py, an independent reading
+simulator store, and checks outcomes against tests/oracle.py, an independent reading
 of the tier rules that shares no code with the pipeline.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration import oracle
+from tests import oracle
 from tools.lightspeed_sim import generate_demo_store
 from tools.lightspeed_sim.testing import running_simulator
 

@@ -2,7 +2,7 @@
 
 `airflow dags test` runs every task in one process and ignores pools and backfills; these tests
 run the DAG the way a deployment does (tests/integration/cluster.py) against the Lightspeed
-simulator (a thread of this test process), and check the outcome against tests/integration/oracle.py:
+simulator (a thread of this test process), and check the outcome against tests/oracle.py:
 
 * a triggered onboarding run ends with every customer in exactly the group the oracle expects, and
   a second run moves nobody;
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration import oracle
+from tests import oracle
 from tests.integration.cluster import (
     AirflowCluster,
     TaskInstanceRow,

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import oracle
 from tests.sim.conftest import NOW, amount
 from tools.lightspeed_sim import SimStore, generate_demo_store
 from tools.lightspeed_sim.jsonutil import dumps, loads, parse_ts
 
 pytestmark = pytest.mark.unit
 
-CLOSED = {"CLOSED", "ONACCOUNT_CLOSED", "LAYBY_CLOSED", "DISPATCHED_CLOSED", "PICKED_UP_CLOSED", "SERVICE_CLOSED"}
-TIER_GROUP = {
-    "Evergreen": "GreenHaus Crew - Evergreen",
-    "Bloom": "GreenHaus Crew - Bloom",
-    "Sprout": "GreenHaus Crew - Sprout",
-    "Seed": "GreenHaus Crew - Seed",
-    "First Time Buyer": "First Time Buyer",
-}
+TIER_GROUP = oracle.GROUPS
 SALE_FIELDS = {
     "id", "outlet_id", "register_id", "user_id", "customer_id", "invoice_number", "invoice_sequence",
     "receipt_number", "source", "source_id", "status", "note", "short_code", "return_for", "return_ids",
@@ -39,47 +33,10 @@ def demo() -> SimStore:
     return generate_demo_store(seed=42, customers=300, now=NOW)
 
 
-def cents(value: Decimal) -> int:
-    return int(value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP) * 100)
-
-
 def reference_tiers(store: SimStore, as_of: datetime) -> dict[str, tuple[str, int]]:
-    """tier-rules.md, written independently of the pipeline: customer id -> (tier, lifetime cents)."""
-    stats: dict[str, dict[str, int]] = {}
-    for sale in store.sales.values():
-        cid = sale["customer_id"]
-        customer = store.customers.get(cid or "")
-        if customer is None or customer["deleted_at"] or sale["deleted_at"] or sale["status"] not in CLOSED:
-            continue
-        when = parse_ts(sale["sale_date"])
-        if when >= as_of:
-            continue
-        value = cents(amount(sale))
-        s = stats.setdefault(cid, {"ltv": 0, "orders": 0, "recent": 0})
-        s["ltv"] += value
-        if value > 0:
-            s["orders"] += 1
-            if as_of - timedelta(days=30) <= when:
-                s["recent"] += 1
-    out = {}
-    for cid, customer in store.customers.items():
-        if customer["deleted_at"]:
-            continue
-        s = stats.get(cid, {"ltv": 0, "orders": 0, "recent": 0})
-        if s["ltv"] >= 150_000:
-            tier = "Evergreen"
-        elif s["ltv"] >= 75_000:
-            tier = "Bloom"
-        elif s["ltv"] >= 25_000 or s["recent"] >= 3:
-            tier = "Sprout"
-        elif s["orders"] >= 1 and customer["enable_loyalty"]:
-            tier = "Seed"
-        elif s["orders"] >= 1:
-            tier = "First Time Buyer"
-        else:
-            tier = "None"
-        out[cid] = (tier, s["ltv"])
-    return out
+    """Customer id -> (tier, lifetime cents), from the shared independent oracle (tests/oracle.py)."""
+    expected = oracle.expected_tiers(store.customers, store.sales, as_of)
+    return {cid: (e.tier, e.ltv_cents) for cid, e in expected.items()}
 
 
 def group_name(store: SimStore, customer: dict[str, Any]) -> str:

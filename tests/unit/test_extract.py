@@ -16,6 +16,7 @@ import pytest
 
 from include.tier_sync import fileio
 from include.tier_sync.extract import extract_orders
+from include.tier_sync.lightspeed import ApiStats
 from include.tier_sync.store import MalformedRecordError, OrderStore
 
 pytestmark = pytest.mark.unit
@@ -29,16 +30,6 @@ class ApiDown(Exception):
 
 class ProcessKilled(BaseException):
     """A worker killed mid-run: no `except Exception` cleanup gets to run."""
-
-
-@dataclass
-class FakeStats:
-    requests: int = 0
-    rate_limited: int = 0
-    retries: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"requests": self.requests, "rate_limited": self.rate_limited, "retries": self.retries}
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class FakeClient:
     fail_after_pages: int | None = None
     failure: type[BaseException] = ApiDown
     omit_version_max: bool = False
-    stats: FakeStats = field(default_factory=FakeStats)
+    stats: ApiStats = field(default_factory=ApiStats)
     calls: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
     next_version: int = 100
     pages_served: int = 0

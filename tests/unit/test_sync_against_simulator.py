@@ -1,8 +1,8 @@
 """The sync against the X-Series simulator over real HTTP (no Airflow).
 
-Expectations are computed here, independently of the pipeline: a small re-implementation of the
-tier rule (tier-rules.md) over the simulator's own records gives each customer's tier, and the
-"may move" rule gives each customer's expected final group, checked for *every* customer.
+Expectations are computed independently of the pipeline: tests/oracle.py (a plain reading of
+tier-rules.md over the simulator's own records) gives each customer's tier, and the "may move"
+rule gives each customer's expected final group, checked for *every* customer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from include.tier_sync import sync
 from include.tier_sync.lightspeed import LightspeedClient, LightspeedUnavailable
 from include.tier_sync.runtime import RunPaths
 from include.tier_sync.settings import TierRules
+from tests import oracle
 from tools.lightspeed_sim.demo import generate_demo_store
 from tools.lightspeed_sim.testing import running_simulator
 
@@ -41,69 +42,12 @@ MEMBERS_PATH = r"^/customer_groups/[^/]+/customers$"
 
 # -- the independent reference ---------------------------------------------------------------
 
-CLOSED = {
-    "CLOSED",
-    "ONACCOUNT_CLOSED",
-    "LAYBY_CLOSED",
-    "DISPATCHED_CLOSED",
-    "PICKED_UP_CLOSED",
-    "SERVICE_CLOSED",
-}
-TIER_GROUP = {
-    "Evergreen": "GreenHaus Crew - Evergreen",
-    "Bloom": "GreenHaus Crew - Bloom",
-    "Sprout": "GreenHaus Crew - Sprout",
-    "Seed": "GreenHaus Crew - Seed",
-    "First Time Buyer": "First Time Buyer",
-}
-
-
-def ts(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
-def cents(sale: dict[str, Any]) -> int:
-    amount = sale.get("total_price_incl")
-    if amount is None:
-        amount = Decimal(str(sale.get("total_price") or 0)) + Decimal(str(sale.get("total_tax") or 0))
-    return int((Decimal(str(amount)) * 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+TIER_GROUP = oracle.GROUPS
 
 
 def reference_tiers(store: SimStore, as_of: datetime) -> dict[str, str]:
-    """Customer id -> tier for every live customer, straight from tier-rules.md."""
-    live = {cid: c for cid, c in store.customers.items() if not c.get("deleted_at")}
-    ltv = dict.fromkeys(live, 0)
-    orders = dict.fromkeys(live, 0)
-    recent = dict.fromkeys(live, 0)
-    for sale in store.sales.values():
-        finished = sale.get("status") in CLOSED if sale.get("status") else sale.get("state") == "closed"
-        cid = sale.get("customer_id")
-        if sale.get("deleted_at") or not finished or cid not in live:
-            continue
-        when = ts(sale["sale_date"])
-        if when >= as_of:
-            continue
-        amount = cents(sale)
-        ltv[cid] += amount
-        if amount > 0:
-            orders[cid] += 1
-            if as_of - timedelta(days=30) <= when:
-                recent[cid] += 1
-    tiers = {}
-    for cid, customer in live.items():
-        if ltv[cid] >= 150_000:
-            tiers[cid] = "Evergreen"
-        elif ltv[cid] >= 75_000:
-            tiers[cid] = "Bloom"
-        elif ltv[cid] >= 25_000 or recent[cid] >= 3:
-            tiers[cid] = "Sprout"
-        elif customer.get("enable_loyalty") and orders[cid] >= 1:
-            tiers[cid] = "Seed"
-        elif orders[cid] >= 1:
-            tiers[cid] = "First Time Buyer"
-        else:
-            tiers[cid] = "None"
-    return tiers
+    """Customer id -> tier for every live customer, from the shared independent oracle."""
+    return {cid: e.tier for cid, e in oracle.expected_tiers(store.customers, store.sales, as_of).items()}
 
 
 def group_name(store: SimStore, group_id: str | None) -> str | None:
