@@ -446,9 +446,14 @@ def test_killed_worker_then_cleared_run_moves_each_customer_once(deploy: DeployF
 
         wait_until(mid_sync, timeout=RUN_TIMEOUT, what="the sync to be under way", interval=0.2,
                    diagnostics=lambda: d.diagnose(run_id))
+        # Snapshot right before the kill: a write in flight now (arrived, not yet applied) lands
+        # afterwards however long the kill takes, because the POS keeps serving it.
+        with pos.lock:
+            landed_before_restart = len(pos.membership_writes())
+            applied_posts = sum(1 for w in pos.writes if w.method == "POST" and w.customer_ids)
+            assert pos.arrivals > applied_posts, "no write in flight at the kill"
         killed = c.kill_service("scheduler")
         assert len(killed) > 1  # the scheduler and its executor's worker/task processes
-        landed_before_restart = len(pos.membership_writes())
         pos.sim.faults.clear()
         time.sleep(5)  # let an in-flight (unacknowledged) write land at the POS, as a real one would
         landed_after_kill = len(pos.membership_writes())
