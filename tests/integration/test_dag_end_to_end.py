@@ -25,7 +25,7 @@ import pytest
 
 from tests import oracle
 from tools.lightspeed_sim import generate_demo_store
-from tools.lightspeed_sim.testing import running_simulator
+from tools.lightspeed_sim.testing import clock_after, running_simulator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -125,7 +125,10 @@ def deployment(migrated_home: Path, tmp_path: Path) -> Iterator[Deployment]:
     home.mkdir()
     shutil.copy(migrated_home / "airflow.db", home / "airflow.db")
     store = generate_demo_store(seed=7, customers=120, now=AS_OF)
-    with running_simulator(store=store, token=TOKEN) as sim:
+    # The simulator stamps every write (the sync's, and each test's own store changes) from a
+    # clock that starts just after AS_OF: a mutation made before the next day's run lies inside
+    # [AS_OF, AS_OF + 1 day) whatever the calendar says.
+    with running_simulator(store=store, token=TOKEN, clock=clock_after(AS_OF)) as sim:
         yield Deployment(home=home, data_dir=tmp_path / "data", sim=sim)
 
 

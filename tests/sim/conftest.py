@@ -12,7 +12,7 @@ import requests
 
 from tools.lightspeed_sim import SimServer, SimStore, generate_demo_store
 from tools.lightspeed_sim.jsonutil import loads
-from tools.lightspeed_sim.testing import running_simulator
+from tools.lightspeed_sim.testing import clock_after, running_simulator
 
 NOW = datetime(2026, 11, 25, 2, tzinfo=UTC)
 TOKEN = "t0ken-for-tests"
@@ -20,7 +20,9 @@ TOKEN = "t0ken-for-tests"
 
 @pytest.fixture
 def store() -> SimStore:
-    return generate_demo_store(seed=7, customers=80, now=NOW)
+    store = generate_demo_store(seed=7, customers=80, now=NOW)
+    store.clock = clock_after(NOW)  # every write is stamped just after NOW, on any calendar day
+    return store
 
 
 @pytest.fixture

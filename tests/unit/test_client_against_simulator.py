@@ -20,6 +20,7 @@ from include.tier_sync.rate_budget import RateBudget
 
 sim_pkg = pytest.importorskip("tools.lightspeed_sim")
 sim_testing = pytest.importorskip("tools.lightspeed_sim.testing")
+clock_after = sim_testing.clock_after
 running_simulator = sim_testing.running_simulator
 
 pytestmark = pytest.mark.unit
@@ -46,7 +47,7 @@ def make_client(sim: Any, **kwargs: Any) -> LightspeedClient:
 
 def test_pagination_with_page_cap_reads_every_record(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=25) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=25) as sim:
         client = make_client(sim)
         pages = list(client.iter_customers())  # asks 1000, gets 25 a page: short pages go on
         ids = [c["id"] for p in pages for c in p.data]
@@ -65,7 +66,7 @@ def test_pagination_with_page_cap_reads_every_record(demo_store_json: str) -> No
 
 def test_resume_from_cursor_sees_only_newer_changes(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=50) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=50) as sim:
         client = make_client(sim)
         cursor = max(p.version_max or 0 for p in client.iter_customers())
         groups = {g["name"]: g["id"] for g in client.list_customer_groups()}
@@ -78,7 +79,7 @@ def test_resume_from_cursor_sees_only_newer_changes(demo_store_json: str) -> Non
 
 def test_group_calls_round_trip(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=30) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=30) as sim:
         client = make_client(sim)
         group = client.create_customer_group("GreenHaus Crew - Seed")
         live = [cid for cid, c in store.customers.items() if not c.get("deleted_at")]
@@ -100,7 +101,7 @@ def test_group_calls_round_trip(demo_store_json: str) -> None:
 
 def test_429_with_tight_limit_is_waited_out(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=10, rate_limit=4, window_seconds=1) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=10, rate_limit=4, window_seconds=1) as sim:
         client = make_client(sim, low_remaining_fraction=0)  # no header pacing: meet the 429s
         started = time.monotonic()
         customers = [c for p in client.iter_customers() for c in p.data]
@@ -114,7 +115,7 @@ def test_429_with_tight_limit_is_waited_out(demo_store_json: str) -> None:
 
 def test_header_pacing_avoids_429(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=10, rate_limit=12, window_seconds=1) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=10, rate_limit=12, window_seconds=1) as sim:
         # pace from half the window left, spreading the rest over the simulator's 1 s window
         client = make_client(sim, rate_window_seconds=1.0, low_remaining_fraction=0.5)
         customers = [c for p in client.iter_customers() for c in p.data]
@@ -126,7 +127,7 @@ def test_header_pacing_avoids_429(demo_store_json: str) -> None:
 def test_429_with_seconds_retry_after(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
     with running_simulator(
-        store=store, token=TOKEN, page_cap=40, rate_limit=2, window_seconds=1, retry_after="seconds"
+        store=store, clock=clock_after(NOW), token=TOKEN, page_cap=40, rate_limit=2, window_seconds=1, retry_after="seconds"
     ) as sim:
         client = make_client(sim, low_remaining_fraction=0)
         customers = [c for p in client.iter_customers() for c in p.data]
@@ -136,7 +137,7 @@ def test_429_with_seconds_retry_after(demo_store_json: str) -> None:
 
 def test_shared_budget_keeps_under_the_server_limit(demo_store_json: str, tmp_path: Path) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=10, rate_limit=5, window_seconds=1) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=10, rate_limit=5, window_seconds=1) as sim:
         budget = RateBudget(sim.base_url, limit=4, window_seconds=1.0, directory=tmp_path)
         client = make_client(sim, budget=budget)
         customers = [c for p in client.iter_customers() for c in p.data]
@@ -146,7 +147,7 @@ def test_shared_budget_keeps_under_the_server_limit(demo_store_json: str, tmp_pa
 
 def test_faults_are_retried(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN, page_cap=50) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN, page_cap=50) as sim:
         client = make_client(sim, timeout=0.3)
         sim.faults.add("status", method="GET", path="^/customers$", times=2, status=503)
         sim.faults.add("reset", method="GET", path="^/sales$", times=1)
@@ -164,7 +165,7 @@ def test_faults_are_retried(demo_store_json: str) -> None:
 
 def test_bounded_retries_then_unavailable(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN) as sim:
         client = make_client(sim, max_retries=2)
         sim.faults.add("status", path="^/sales$", status=500)
         with pytest.raises(LightspeedUnavailable):
@@ -174,7 +175,7 @@ def test_bounded_retries_then_unavailable(demo_store_json: str) -> None:
 
 def test_expired_token_fails_fast_and_names_the_connection(demo_store_json: str) -> None:
     store = fresh_store(demo_store_json)
-    with running_simulator(store=store, token=TOKEN) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), token=TOKEN) as sim:
         client = make_client(sim)
         sim.expire_token()
         with pytest.raises(LightspeedAuthError) as info:

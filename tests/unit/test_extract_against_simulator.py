@@ -17,7 +17,8 @@ from include.tier_sync.money import sale_amount_cents
 from include.tier_sync.store import OrderStore
 
 sim_pkg = pytest.importorskip("tools.lightspeed_sim")
-running_simulator = pytest.importorskip("tools.lightspeed_sim.testing").running_simulator
+sim_testing = pytest.importorskip("tools.lightspeed_sim.testing")
+running_simulator, clock_after = sim_testing.running_simulator, sim_testing.clock_after
 
 pytestmark = pytest.mark.unit
 
@@ -89,7 +90,7 @@ def add_sale(sim_store: Any, template_id: str, **changes: Any) -> str:
 def test_full_then_incremental_extraction_mirrors_the_simulator(demo_store_json: str, tmp_path: Path) -> None:
     sim_store = sim_pkg.SimStore.loads(demo_store_json)
     store = OrderStore(tmp_path / "store")
-    with running_simulator(store=sim_store, token=TOKEN, page_cap=50) as sim:
+    with running_simulator(store=sim_store, clock=clock_after(NOW), token=TOKEN, page_cap=50) as sim:
         first = extract_orders(make_client(sim), store, commit_every_pages=3)
 
         assert first["records"] == {"sales": len(sim_store.sales), "customers": len(sim_store.customers)}
@@ -133,7 +134,7 @@ def test_full_then_incremental_extraction_mirrors_the_simulator(demo_store_json:
 def test_server_errors_are_retried_and_counted(demo_store_json: str, tmp_path: Path) -> None:
     sim_store = sim_pkg.SimStore.loads(demo_store_json)
     store = OrderStore(tmp_path / "store")
-    with running_simulator(store=sim_store, token=TOKEN, page_cap=100) as sim:
+    with running_simulator(store=sim_store, clock=clock_after(NOW), token=TOKEN, page_cap=100) as sim:
         sim.faults.add("status", method="GET", path="^/sales$", times=2, status=503)
         result = extract_orders(make_client(sim), store)
         statuses = [r.status for r in sim.requests]
@@ -146,7 +147,7 @@ def test_server_errors_are_retried_and_counted(demo_store_json: str, tmp_path: P
 def test_rate_limited_extraction_reports_429s(demo_store_json: str, tmp_path: Path) -> None:
     sim_store = sim_pkg.SimStore.loads(demo_store_json)
     store = OrderStore(tmp_path / "store")
-    with running_simulator(store=sim_store, token=TOKEN, page_cap=200, rate_limit=3, window_seconds=1) as sim:
+    with running_simulator(store=sim_store, clock=clock_after(NOW), token=TOKEN, page_cap=200, rate_limit=3, window_seconds=1) as sim:
         client = make_client(sim, low_remaining_fraction=0)
         result = extract_orders(client, store)
         limited = sum(1 for r in sim.requests if r.status == 429)

@@ -26,7 +26,7 @@ from include.tier_sync.runtime import RunPaths
 from include.tier_sync.settings import TierRules
 from tests import oracle
 from tools.lightspeed_sim.demo import generate_demo_store
-from tools.lightspeed_sim.testing import running_simulator
+from tools.lightspeed_sim.testing import clock_after, running_simulator
 
 if TYPE_CHECKING:
     from tools.lightspeed_sim.server import SimServer
@@ -150,7 +150,7 @@ def full_run(sim: SimServer, data_dir: Path, as_of: datetime = NOW, workers: int
 @pytest.fixture
 def demo() -> Iterator[SimServer]:
     store = generate_demo_store(seed=7, customers=700, now=NOW)
-    with running_simulator(store=store) as sim:
+    with running_simulator(store=store, clock=clock_after(NOW)) as sim:
         yield sim
 
 
@@ -253,7 +253,7 @@ def test_circuit_breaker_stops_before_any_write(demo: SimServer, tmp_path: Path)
 def test_rate_limited_store_completes(tmp_path: Path) -> None:
     store = generate_demo_store(seed=11, customers=700, now=NOW)
     expected = expected_final_groups(store, reference_tiers(store, NOW))
-    with running_simulator(store=store, rate_limit=12, window_seconds=1.0, retry_after="seconds") as sim:
+    with running_simulator(store=store, clock=clock_after(NOW), rate_limit=12, window_seconds=1.0, retry_after="seconds") as sim:
         run = full_run(sim, tmp_path, workers=3, **MASS_OK)
         assert_exact(sim, expected)
         assert any(r.status == 429 for r in sim.requests)
