@@ -32,10 +32,10 @@ if str(REPO_ROOT) not in sys.path:
 import pandas as pd  # noqa: E402
 
 from include.tier_sync import sync  # noqa: E402
+from include.tier_sync.ledger import RunPaths  # noqa: E402
 from include.tier_sync.lightspeed import LightspeedClient  # noqa: E402
 from include.tier_sync.rate_budget import RateBudget, store_limit  # noqa: E402
-from include.tier_sync.runtime import RunPaths  # noqa: E402
-from include.tier_sync.settings import TIERS, TierRules  # noqa: E402
+from include.tier_sync.rules import TIERS, TierRules  # noqa: E402
 from tools.lightspeed_sim.store import SimStore  # noqa: E402
 from tools.lightspeed_sim.testing import running_simulator  # noqa: E402
 

@@ -158,9 +158,10 @@ def peak_rss_bytes() -> int:
 def measure(store_root: str, data_dir: str) -> dict[str, float | int]:
     """Run compute_tiers once in this (fresh) process; wall time and peak RSS of the process."""
     t_import = time.perf_counter()
+    from include.tier_sync.ledger import RunPaths
     from include.tier_sync.master_csv import compute_tiers
-    from include.tier_sync.runtime import RunPaths, iso
-    from include.tier_sync.settings import TierRules
+    from include.tier_sync.rules import TierRules
+    from include.tier_sync.runtime import iso
     from include.tier_sync.store import OrderStore
 
     import_s = time.perf_counter() - t_import

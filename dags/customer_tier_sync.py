@@ -7,13 +7,17 @@ Every day at 02:00 UTC this DAG runs the retailer's loyalty program:
    cursor) into the order store under the `tier_sync_data_dir` Variable.
 2. **compute_tiers**: recomputes every customer's lifetime value and loyalty tier *as of the end of
    the run's data interval* and writes `customer_analytics_master.csv`.
-3. **validate_tiers**: Great Expectations checks; a failure stops the run before anything is
-   committed or sent to the till, and alerts.
-4. **commit_csv**: commits the master CSV to the `tier_sync_git_remote` repository.
-5. **plan_sync** / **sync_batch** (mapped, pool `lightspeed_api`): moves customers whose tier
+3. **validate_tiers**: Great Expectations checks against the last published run (a re-run of a
+   day included); a failure stops the run before anything is published, committed or sent to the
+   till, and alerts.
+4. **publish_run**: records the validated day in the tier history and, for the latest run,
+   replaces the stable master CSV (one run at a time). A run dated in the future is refused by
+   every task before it reads or writes anything.
+5. **commit_csv**: commits the master CSV to the `tier_sync_git_remote` repository.
+6. **plan_sync** / **sync_batch** (mapped, pool `lightspeed_api`): moves customers whose tier
    changed into the matching Lightspeed customer group. Staff, Wholesale and other non-tier groups
    are never touched.
-6. **verify_group_counts** / **write_sync_log**: checks the groups against the CSV and writes
+7. **verify_group_counts** / **write_sync_log**: checks the groups against the CSV and writes
    `tier_sync_log.json` (also this task's XCom).
 
 Trigger options: `dry_run` (plan and log only), `full_refresh` (rebuild the order store),
@@ -96,7 +100,7 @@ def customer_tier_sync() -> None:
 
         return extract_task(get_current_context())
 
-    @task(max_active_tis_per_dag=1)  # tier_history.csv is read-modify-write
+    @task
     def compute_tiers(extracted: Any) -> dict[str, Any]:
         """CLV and tier of every customer as of the end of the data interval."""
         from include.tier_sync.tasks import compute_task
@@ -108,10 +112,19 @@ def customer_tier_sync() -> None:
         """Great Expectations gate: a failure fails at once (no retry) and blocks commit and sync."""
         from include.tier_sync.tasks import validate_task
 
-        return validate_task(get_current_context(), computed)
+        return validate_task(get_current_context())
+
+    # One publisher at a time across runs (back-fills included): tier_history.csv and the stable
+    # "latest" copies are read-modify-written. The ledger's lock file guards a local data dir too.
+    @task(max_active_tis_per_dag=1)
+    def publish_run(computed: Any, validated: Any) -> dict[str, Any]:
+        """Publish the validated run: tier history, and for the latest run the stable master."""
+        from include.tier_sync.tasks import publish_task
+
+        return publish_task(get_current_context(), computed)
 
     @task(outlets=[MASTER_CSV_ASSET], max_active_tis_per_dag=1)
-    def commit_csv(computed: Any, validated: Any) -> dict[str, Any]:
+    def commit_csv(computed: Any, published: Any) -> dict[str, Any]:
         """Commit the validated master CSV (and tier history) to the git remote."""
         from include.tier_sync.tasks import commit_task
 
@@ -167,13 +180,14 @@ def customer_tier_sync() -> None:
     extracted = extract_orders()
     computed = compute_tiers(extracted)
     validated = validate_tiers(computed)
-    committed = commit_csv(computed, validated)
+    published = publish_run(computed, validated)
+    committed = commit_csv(computed, published)
     refs = plan_sync(committed)
     results = sync_batch.expand(ref=refs)
     checked = verify_group_counts(results)
     logged = write_sync_log(checked)
     outcome = run_outcome()
-    [extracted, computed, validated, committed, refs, results, checked, logged] >> outcome
+    [extracted, computed, validated, published, committed, refs, results, checked, logged] >> outcome
 
 
 customer_tier_sync()

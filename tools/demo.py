@@ -22,6 +22,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from include.tier_sync.ledger import MASTER_FILE, SYNC_LOG_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / ".demo"
 DAG_ID = "customer_tier_sync"
@@ -77,8 +79,8 @@ def run(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
 
 
 def summarise(data_dir: Path, label: str) -> dict[str, Any]:
-    master = data_dir / "customer_analytics_master.csv"
-    log_file = data_dir / "tier_sync_log.json"
+    master = data_dir / MASTER_FILE
+    log_file = data_dir / SYNC_LOG_FILE
     print(f"\n== {label}")
     if master.exists():
         with master.open(newline="", encoding="utf-8") as fh:

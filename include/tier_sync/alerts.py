@@ -105,7 +105,8 @@ def validation_summary(context: Mapping[str, Any]) -> dict[str, Any] | None:
         return found
     try:
         from include.tier_sync import fileio
-        from include.tier_sync.runtime import RunPaths, resolve_as_of
+        from include.tier_sync.ledger import RunPaths
+        from include.tier_sync.runtime import resolve_as_of
         from include.tier_sync.settings import data_dir
 
         paths = RunPaths(data_dir(), resolve_as_of(context))

@@ -12,16 +12,18 @@ import logging
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset
 
-from include.tier_sync import fileio
-from include.tier_sync.runtime import RunPaths, iso
+from include.tier_sync import fileio, ledger
+from include.tier_sync.ledger import RUN_FILE
+from include.tier_sync.runtime import iso
+
+if TYPE_CHECKING:
+    from include.tier_sync.ledger import RunPaths
 
 log = logging.getLogger(__name__)
-
-RUN_MANIFEST = "run.json"
 
 # `x-` schemes are Airflow's documented escape for custom URIs: kept verbatim (no normaliser, no
 # provider needed), and independent of any Variable, so the Asset is identical at parse time on
@@ -33,7 +35,6 @@ MASTER_CSV_ASSET = Asset(
     group="tier_sync",
     extra={"format": "csv", "producer": "customer_tier_sync.commit_csv"},
 )
-
 
 
 def _list_files(run_dir: str) -> list[dict[str, Any]]:
@@ -71,7 +72,7 @@ def write_run_manifest(paths: RunPaths, identity: Mapping[str, Any]) -> dict[str
         "run_type": identity.get("run_type"),
         "key": paths.key,
         "updated_at": iso(datetime.now(tz=UTC)),
-        "files": [f for f in _list_files(paths.run_dir) if f["path"] != RUN_MANIFEST],
+        "files": [f for f in _list_files(paths.run_dir) if f["path"] != RUN_FILE],
     }
     fileio.write_json(paths.run_json, manifest)
     log.info("Run manifest %s: %d files", paths.run_json, len(manifest["files"]))
@@ -80,11 +81,10 @@ def write_run_manifest(paths: RunPaths, identity: Mapping[str, Any]) -> dict[str
 
 def list_runs(data_dir: str) -> list[dict[str, Any]]:
     """Every run folder, newest first (keys are sortable timestamps), with its manifest if any."""
-    runs_dir = fileio.join(data_dir, "runs")
     out: list[dict[str, Any]] = []
-    for key in sorted(fileio.listdir(runs_dir), reverse=True):
-        run_dir = fileio.join(runs_dir, key)
-        manifest = fileio.read_json(fileio.join(run_dir, RUN_MANIFEST), default=None)
+    for key in reversed(ledger.list_run_keys(data_dir)):
+        run_dir = ledger.run_dir(data_dir, key)
+        manifest = fileio.read_json(fileio.join(run_dir, RUN_FILE), default=None)
         entry: dict[str, Any] = dict(manifest) if isinstance(manifest, dict) else {"key": key, "files": None}
         entry["key"] = key
         entry["path"] = run_dir

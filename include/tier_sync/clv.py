@@ -28,22 +28,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from include.tier_sync.settings import (
-    BLOOM,
-    CLOSED_STATE,
-    CLOSED_STATUSES,
-    EVERGREEN,
-    FIRST_TIME_BUYER,
-    NO_TIER,
-    SEED,
-    SPROUT,
-    TierRules,
-)
+from include.tier_sync.rules import CLOSED_STATE, CLOSED_STATUSES, TierRules, in_window
+from include.tier_sync.rules import US_PER_DAY as US_PER_DAY  # re-exported: master_csv, dashboard
+from include.tier_sync.rules import assign_tiers as rule_tiers
 
 log = logging.getLogger(__name__)
 
 NAT = np.iinfo(np.int64).min  # what pandas stores for NaT in an int64 view
-US_PER_DAY = 86_400_000_000
 
 _EPOCH = pd.Timestamp(0, tz="UTC")
 
@@ -230,18 +221,8 @@ def assign_tiers(
     loyalty: np.ndarray[Any, np.dtype[np.bool_]],
     rules: TierRules,
 ) -> np.ndarray[Any, np.dtype[np.object_]]:
-    """The tier table of tier-rules.md, first match wins; "None" whenever there is no purchase."""
-    has_order = order_count >= 1
-    conditions = [
-        ~has_order,
-        ltv_cents >= rules.evergreen_min_cents,
-        ltv_cents >= rules.bloom_min_cents,
-        (ltv_cents >= rules.sprout_min_cents) | (purchases_in_window >= rules.sprout_min_purchases_in_window),
-        loyalty & has_order,
-        has_order,
-    ]
-    choices = [NO_TIER, EVERGREEN, BLOOM, SPROUT, SEED, FIRST_TIME_BUYER]
-    return np.select(conditions, choices, default=NO_TIER).astype(object)
+    """The tier table (`rules.assign_tiers`, first match wins); "None" whenever there is no purchase."""
+    return rule_tiers(ltv_cents, order_count, purchases_in_window, loyalty, rules)
 
 
 def compute_customer_metrics(
@@ -263,9 +244,8 @@ def compute_customer_metrics(
     purchase = amount > 0
     ppos, pdate = pos[purchase], sale_date[purchase]
     order_count = np.bincount(ppos, minlength=n).astype(np.int64)
-    window_start = cut - rules.window_days * US_PER_DAY
-    in_window = pdate >= window_start  # and < cut: every qualifying sale is before as_of
-    purchases_in_window = np.bincount(ppos[in_window], minlength=n).astype(np.int64)
+    counted = in_window(pdate, cut, rules)  # every qualifying sale is before as_of already
+    purchases_in_window = np.bincount(ppos[counted], minlength=n).astype(np.int64)
     first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first, ppos, pdate)
     first[order_count == 0] = NAT

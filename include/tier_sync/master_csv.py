@@ -2,9 +2,9 @@
 
 Outputs must be reproducible: a re-run or backfill of a run writes byte-identical files. So the
 CSV holds nothing but the run's as-of view (no wall-clock time), rows are sorted by Customer ID,
-and "Previous Tier" comes from the run folder just before this run's key (not from whatever file
-is newest). The shared "latest" copies are only replaced by a run at least as new as the one that
-wrote them, so a backfill never rolls them back.
+and "Previous Tier" comes from the newest run published before this run's key (ledger.previous_run,
+not from whatever file is newest). Publishing is the ledger's serialized step: the shared "latest"
+copies are only replaced by the latest run, so a backfill never rolls them back.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from include.tier_sync import fileio
+from include.tier_sync import fileio, ledger
 from include.tier_sync.clv import I64, NAT, US_PER_DAY, as_of_us, compute_customer_metrics
-from include.tier_sync.runtime import is_newest_run, iso, run_key, to_utc, validated_runs_before
-from include.tier_sync.settings import ALL_TIERS, NO_TIER, TierRules
+from include.tier_sync.ledger import run_key
+from include.tier_sync.rules import ALL_TIERS, NO_TIER, TierRules
+from include.tier_sync.runtime import iso, to_utc
 
 if TYPE_CHECKING:
-    from include.tier_sync.runtime import RunPaths
+    from include.tier_sync.ledger import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ MASTER_COLUMNS: tuple[str, ...] = (
 )
 CHANGES_COLUMNS: tuple[str, ...] = ("Customer ID", "From", "To", "as_of")
 HISTORY_COLUMNS: tuple[str, ...] = ("as_of", "run_id", "tier", "count")
-MASTER_FILE = "customer_analytics_master.csv"
 _TEXT_COLUMNS = ("Customer ID", "Customer Code", "Name", "Email", "Phone")
 
 
@@ -190,12 +190,9 @@ def read_csv_str(url: str, usecols: list[str] | None = None) -> pd.DataFrame:
 
 
 def previous_run_master(paths: RunPaths) -> str | None:
-    """The master CSV of the newest earlier run that passed validation, if any."""
-    for run_dir in validated_runs_before(paths):
-        candidate = fileio.join(run_dir, MASTER_FILE)
-        if fileio.exists(candidate):
-            return candidate
-    return None
+    """The master CSV published by the newest earlier run, if any (never an unvalidated one)."""
+    found = ledger.previous_run(paths)
+    return found[1] if found else None
 
 
 def upsert_tier_history(url: str, as_of: datetime, run_id: str, breakdown: dict[str, int]) -> pd.DataFrame:
@@ -274,15 +271,18 @@ def compute_tiers(
 
 
 def publish_run(paths: RunPaths, identity: dict[str, Any], breakdown: dict[str, int]) -> bool:
-    """After validation passed: record the day in tier_history.csv and, for the newest run, copy the
+    """After validation passed, as one serialized step (ledger.publishing): keep the run's master
+    as what it published, record the day in tier_history.csv and, for the latest run, copy the
     master CSV and tier changes to their stable paths and stamp latest.json. Returns whether this
     run became "latest". Nothing unvalidated ever reaches the stable paths or the history.
     """
-    upsert_tier_history(paths.tier_history, paths.as_of, str(identity.get("run_id") or ""), breakdown)
-    if not is_newest_run(paths):
-        log.info("Run %s is older than the newest published run; stable copies left alone", paths.key)
-        return False
-    fileio.copy(paths.run_master_csv, paths.master_csv)
-    fileio.copy(paths.run_tier_changes, paths.tier_changes)
-    fileio.write_json(paths.latest_json, {"as_of": iso(paths.as_of), "run_id": identity.get("run_id")})
-    return True
+    with ledger.publishing(paths):
+        ledger.record_published(paths, identity, breakdown)
+        upsert_tier_history(paths.tier_history, paths.as_of, str(identity.get("run_id") or ""), breakdown)
+        if not ledger.is_newest_run(paths):
+            log.info("Run %s is older than the newest published run; stable copies left alone", paths.key)
+            return False
+        fileio.copy(paths.run_master_csv, paths.master_csv)
+        fileio.copy(paths.run_tier_changes, paths.tier_changes)
+        fileio.write_json(paths.latest_json, {"as_of": iso(paths.as_of), "run_id": identity.get("run_id")})
+        return True

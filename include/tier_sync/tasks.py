@@ -18,11 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from include.tier_sync import fileio, settings
-from include.tier_sync.runtime import RunPaths, resolve_as_of, run_identity, to_utc
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.runtime import resolve_as_of, run_identity, to_utc
 
 log = logging.getLogger(__name__)
-
-GROUP_CHECK_FILE = "group_check.json"
 
 
 def _fail(message: str, cause: BaseException | None = None) -> None:
@@ -32,7 +31,16 @@ def _fail(message: str, cause: BaseException | None = None) -> None:
 
 
 def run_paths(context: Mapping[str, Any]) -> RunPaths:
-    return RunPaths(settings.data_dir(), resolve_as_of(context))
+    """The run's paths, after the ledger's first rule: a run dated in the future reads and writes
+    nothing (every task starts here, so each refuses it before touching the store or the POS)."""
+    from include.tier_sync.ledger import FutureRunError, refuse_future
+
+    as_of = resolve_as_of(context)
+    try:
+        refuse_future(as_of)
+    except FutureRunError as exc:
+        _fail(str(exc), exc)
+    return RunPaths(settings.data_dir(), as_of)
 
 
 def _params(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,11 +51,6 @@ def _client() -> Any:
     from include.tier_sync.lightspeed import LightspeedClient
 
     return LightspeedClient.from_connection(settings.LIGHTSPEED_CONN_ID)
-
-
-def _client_or_fail() -> Any:
-    """The Lightspeed client, with auth problems turned into an immediate, clear failure."""
-    return _client()
 
 
 def _translate_auth(exc: BaseException) -> None:
@@ -69,7 +72,7 @@ def extract_task(context: Mapping[str, Any]) -> dict[str, Any]:
 
     paths = run_paths(context)
     try:
-        with _client_or_fail() as client:
+        with _client() as client:
             return extract_orders(client, OrderStore(paths.store), full_refresh=bool(_params(context).get("full_refresh")))
     except MalformedRecordError as exc:
         _fail(f"Lightspeed returned malformed data; nothing past the last good page was stored: {exc}", exc)
@@ -87,22 +90,28 @@ def compute_task(context: Mapping[str, Any]) -> dict[str, Any]:
     return compute_tiers(OrderStore(paths.store), paths, run_identity(context), settings.load_tier_rules())
 
 
-def validate_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the run's master CSV; only data that passed is published to the stable paths."""
-    from include.tier_sync.master_csv import publish_run
+def validate_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the run's master CSV against the ledger's baseline; a failure fails at once."""
     from include.tier_sync.validation import DataQualityError, validate_master
 
     paths = run_paths(context)
     try:
-        summary = validate_master(paths, settings.load_tier_rules())
+        return validate_master(paths, settings.load_tier_rules())
     except DataQualityError as exc:
         ti = context.get("ti")
         if ti is not None:
             ti.xcom_push(key="return_value", value=exc.summary)
         _fail(str(exc), exc)
         raise AssertionError("unreachable") from exc
-    summary["published_as_latest"] = publish_run(paths, run_identity(context), dict(computed["tier_breakdown"]))
-    return summary
+
+
+def publish_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict[str, Any]:
+    """Publish the validated run (the ledger's serialized step); only validated data gets here."""
+    from include.tier_sync.master_csv import publish_run
+
+    paths = run_paths(context)
+    latest = publish_run(paths, run_identity(context), dict(computed["tier_breakdown"]))
+    return {"run_key": paths.key, "published_as_latest": latest}
 
 
 def commit_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,7 +124,6 @@ def commit_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict
         paths,
         identity,
         dict(computed),
-        remote=settings.git_remote(),
         branch=settings.git_branch(),
         conn_id=settings.GIT_CONN_ID,
     )
@@ -152,7 +160,8 @@ def _read_master(paths: RunPaths) -> Any:
 
 def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     from include.tier_sync.store import OrderStore
-    from include.tier_sync.sync import MassChangeError, decide_writes, prepare_sync
+    from include.tier_sync.sync.plan import MassChangeError
+    from include.tier_sync.sync.prepare import decide_writes, prepare_sync
 
     paths = run_paths(context)
     params = _params(context)
@@ -166,8 +175,8 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     store = OrderStore(paths.store)
     limit = params.get("limit")
     try:
-        with _client_or_fail() as client:
-            return prepare_sync(
+        with _client() as client:
+            refs = prepare_sync(
                 client,
                 _read_master(paths),
                 store.read("customers"),
@@ -181,6 +190,7 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
                 limit=int(limit) if limit is not None else None,
                 allow_mass_change=bool(params.get("allow_mass_change")),
             )
+            return [dict(ref) for ref in refs]  # BatchRef (include/tier_sync/sync/contracts.py)
     except MassChangeError as exc:
         _fail(f"Circuit breaker: {exc} Nothing was written. Re-trigger with allow_mass_change=true if intended.", exc)
     except Exception as exc:
@@ -190,12 +200,14 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def sync_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, Any]:
-    from include.tier_sync.sync import read_plan_doc, sync_batch
+    # One of up to 256 mapped instances: it loads its batch file only (the write decision comes in
+    # its XCom ref), never the master CSV, and imports no pandas (tests/unit/test_sync_write_imports.py).
+    from include.tier_sync.sync.write import sync_batch
 
-    doc = read_plan_doc(run_paths(context)) or {}
+    run_paths(context)  # refuses a run dated in the future
     try:
-        with _client_or_fail() as client:
-            return sync_batch(ref, client, writes_allowed=bool(doc.get("writes_allowed")))
+        with _client() as client:
+            return dict(sync_batch(ref, client, writes_allowed=bool(ref.get("writes_allowed"))))
     except Exception as exc:
         _translate_auth(exc)
         raise
@@ -203,33 +215,23 @@ def sync_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[
 
 def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:
     """Compare tier groups in Lightspeed with the CSV; skipped (with a reason) when nothing was planned."""
-    from include.tier_sync.sync import (
-        groups_from_plan,
-        left_alone_ids,
-        read_expected_members,
-        read_plan_doc,
-        verify_group_counts,
-    )
+    from include.tier_sync.sync.batches import groups_from_plan, read_expected_members
+    from include.tier_sync.sync.log import left_alone_ids
+    from include.tier_sync.sync.verify import verify_group_counts, write_group_check
 
     paths = run_paths(context)
-    doc = read_plan_doc(paths)
-    groups = groups_from_plan(paths) if doc else None
-    if doc is None or groups is None:
-        result: dict[str, Any] = {"checked": False, "reason": "no sync plan for this run"}
-    else:
-        with _client_or_fail() as client:
-            result = {
-                "checked": True,
-                **verify_group_counts(
-                    client,
-                    _read_master(paths),
-                    groups,
-                    expected_members=read_expected_members(paths),
-                    left_alone=left_alone_ids(paths),
-                ),
-            }
-    fileio.write_json(fileio.join(paths.run_dir, GROUP_CHECK_FILE), result)
-    return result
+    groups = groups_from_plan(paths)  # None when there is no plan.json
+    if groups is None:
+        return dict(write_group_check(paths, {"checked": False, "reason": "no sync plan for this run"}))
+    with _client() as client:
+        check = verify_group_counts(
+            client,
+            _read_master(paths),
+            groups,
+            expected_members=read_expected_members(paths),
+            left_alone=left_alone_ids(paths),
+        )
+    return dict(write_group_check(paths, {"checked": True, **check}))  # runs/<key>/group_check.json
 
 
 def _why_nothing_was_planned(context: Mapping[str, Any], paths: RunPaths) -> str | None:
@@ -255,22 +257,24 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
     """Write tier_sync_log.json (always), then fail the run if any customer could not be synced."""
     from include.tier_sync.alerts import send_alert
     from include.tier_sync.artifacts import write_run_manifest
-    from include.tier_sync.sync import finish_sync, raise_for_sync_errors, read_plan_doc
+    from include.tier_sync.sync.batches import read_plan_doc
+    from include.tier_sync.sync.log import finish_sync, raise_for_sync_errors
+    from include.tier_sync.sync.verify import read_group_check
 
     paths = run_paths(context)
     identity = run_identity(context)
     params = _params(context)
-    group_check = fileio.read_json(fileio.join(paths.run_dir, GROUP_CHECK_FILE))
+    group_check = read_group_check(paths)  # runs/<key>/group_check.json
     no_plan_reason = None if read_plan_doc(paths) else _why_nothing_was_planned(context, paths)
     log_doc = finish_sync(
         paths,
         identity,
-        group_check=group_check if isinstance(group_check, dict) and group_check.get("checked") else None,
+        group_check=group_check if group_check is not None and group_check.get("checked") else None,
         dry_run=bool(params.get("dry_run")),
         no_plan_reason=no_plan_reason,
     )
     write_run_manifest(paths, identity)
-    if log_doc.get("synced") and log_doc.get("group_counts_match") is False:
+    if log_doc["synced"] and log_doc.get("group_counts_match") is False:
         send_alert(
             "Lightspeed group counts do not match the master CSV",
             "After the sync, at least one tier group in Lightspeed does not hold exactly the customers the "
@@ -281,7 +285,7 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
         raise_for_sync_errors(log_doc)
     except Exception as exc:
         _fail(str(exc), exc)
-    return log_doc
+    return dict(log_doc)
 
 
 def fail_run(context: Mapping[str, Any]) -> None:

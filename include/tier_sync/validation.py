@@ -1,4 +1,4 @@
-"""The data-quality gate: a Great Expectations 1.x suite over the run's master CSV.
+"""The data-quality gate: a Great Expectations 1.x suite (validation_suite.py) over the run's master CSV.
 
 Nothing may reach git or the POS unless the master passed this gate. The suite is built in code
 (versioned with the project) and run with the GX core API inside the task, because the Airflow GX
@@ -6,7 +6,9 @@ provider cannot be installed beside Airflow 3.3.2. GX is imported only inside fu
 ~6 s and must stay out of DAG parsing) and its loggers are quieted first (it floods INFO lines).
 
 Row-level checks name the failing customers (their ids, never emails or names); aggregate checks
-compare against the last *validated* run, so one broken run cannot poison the next one's baseline.
+compare against the baseline of the run ledger: the last *published* run up to this one, a published
+run of the same day included, so one broken run (or a broken re-run of a good day) cannot poison a
+baseline or slip past it.
 Placeholder emails are reported as a warning, in their own suite, and never fail the run.
 """
 
@@ -21,62 +23,43 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from include.tier_sync import fileio
-from include.tier_sync.runtime import is_run_key, validated_runs_before
-from include.tier_sync.settings import (
-    ALL_TIERS,
-    BLOOM,
-    EVERGREEN,
-    FIRST_TIME_BUYER,
-    NO_TIER,
-    SEED,
-    SPROUT,
-    TierRules,
+from include.tier_sync import fileio, ledger
+from include.tier_sync.rules import NO_TIER, TierRules, assign_tiers
+from include.tier_sync.runtime import iso
+from include.tier_sync.validation_suite import (
+    CSV_LINE,
+    CUSTOMER_ID,
+    DOCS_SITE_NAME,
+    EMAIL,
+    EMAIL_SHARED_BY,
+    HAS_ORDERS_FOR_VALUE,
+    LIFETIME_VALUE,
+    LOYALTY_MEMBER,
+    LTV_CENTS,
+    ORDER_COUNT,
+    ORDERS_INT,
+    P30_INT,
+    PURCHASES_30D,
+    REQUIRED_COLUMNS,
+    RULE_TIER,
+    TIER,
+    TIER_CHANGED,
+    _import_gx,
+    build_suite,
+    build_warning_suite,
+    quiet_gx_logging,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from include.tier_sync.runtime import RunPaths
+    from include.tier_sync.ledger import RunPaths
 
 log = logging.getLogger(__name__)
-
-SUITE_NAME = "customer_tier_sync.master"
-WARNINGS_SUITE_NAME = "customer_tier_sync.master.warnings"
-DOCS_SITE_NAME = "tier_sync_data_docs"
-
-# Master CSV columns the gate reads (contracts.md). Email is used only to count shared addresses:
-# no email, name or phone ever enters the GX batch, so none reaches the JSON, Data Docs or alerts.
-CUSTOMER_ID = "Customer ID"
-LIFETIME_VALUE = "Lifetime Value"
-ORDER_COUNT = "Order Count"
-PURCHASES_30D = "Purchases Last 30 Days"
-LOYALTY_MEMBER = "Loyalty Member"
-TIER = "Tier"
-EMAIL = "Email"
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    CUSTOMER_ID,
-    LIFETIME_VALUE,
-    ORDER_COUNT,
-    PURCHASES_30D,
-    LOYALTY_MEMBER,
-    TIER,
-)
-
-# Derived columns added to the batch (the raw string columns stay, so Data Docs show bad values).
-CSV_LINE = "csv_line"
-LTV_CENTS = "lifetime_value_cents"
-ORDERS_INT = "order_count_int"
-P30_INT = "purchases_30d_int"
-RULE_TIER = "rule_tier"
-TIER_CHANGED = "tier_changed"
-HAS_ORDERS_FOR_VALUE = "orders_behind_positive_value"
-EMAIL_SHARED_BY = "email_shared_by"
 
 MAX_EXAMPLES = 5
 _INT_RE = re.compile(r"^-?\d+$")
 _MONEY_RE = re.compile(r"^-?\d+(\.\d{1,2})?$")
-_QUIET_LOGGERS = ("great_expectations", "great_expectations.data_context.types.base", "altair", "tqdm")
 
 
 class DataQualityError(Exception):
@@ -89,185 +72,12 @@ class DataQualityError(Exception):
 
 @dataclass(frozen=True)
 class Baseline:
-    """The last validated run before this one: what row-count and tier-change checks compare with."""
+    """The ledger's baseline (last published run up to this one): what row-count and tier-change checks compare with."""
 
     run_key: str | None = None
     row_count: int | None = None
     tiers: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
-
-
-# --------------------------------------------------------------------------------------------
-# GX import, quietly
-
-
-def quiet_gx_logging() -> None:
-    """Set GX's loggers to WARNING; call before *and* after importing it (one logger pins INFO)."""
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _import_gx() -> Any:
-    quiet_gx_logging()
-    import great_expectations as gx
-    import great_expectations.data_context.types.base  # sets its own logger to INFO on import
-
-    quiet_gx_logging()
-    return gx
-
-
-# --------------------------------------------------------------------------------------------
-# The suite, in code
-
-
-def _meta(check: str, column: str | None) -> dict[str, Any]:
-    return {"check": check, "column": column}
-
-
-def build_suite(
-    rules: TierRules,
-    previous_row_count: int | None,
-    *,
-    has_previous_tiers: bool = True,
-    name: str = SUITE_NAME,
-) -> Any:
-    """The blocking suite. Each expectation carries `meta.check`, the name used in alerts and XCom.
-
-    `previous_row_count` None (first run) makes the row-count floor 0: there is nothing to wipe.
-    """
-    gx = _import_gx()
-    import great_expectations.expectations as gxe
-
-    if previous_row_count:
-        min_rows = max(1, math.ceil(previous_row_count * (1.0 - rules.max_row_drop_fraction)))
-    else:
-        min_rows = 0
-    ceiling = min(max(float(rules.max_tier_change_fraction), 0.0), 1.0)
-    tier_list = ", ".join(ALL_TIERS)
-    expectations = [
-        gxe.ExpectTableColumnsToMatchSet(
-            column_set=[c for c in REQUIRED_COLUMNS if c != CUSTOMER_ID],
-            exact_match=False,
-            description="The master CSV has the columns the gate checks.",
-            meta=_meta("master_columns_present", None),
-        ),
-        gxe.ExpectColumnValuesToNotBeNull(
-            column=CUSTOMER_ID,
-            description="Every row has a Customer ID.",
-            meta=_meta("customer_id_present", CUSTOMER_ID),
-        ),
-        gxe.ExpectColumnValuesToBeUnique(
-            column=CUSTOMER_ID,
-            description="No Customer ID appears twice.",
-            meta=_meta("customer_id_unique", CUSTOMER_ID),
-        ),
-        gxe.ExpectColumnValuesToBeInSet(
-            column=TIER,
-            value_set=list(ALL_TIERS),
-            description=f"Tier is one of: {tier_list}.",
-            meta=_meta("tier_allowed", TIER),
-        ),
-        gxe.ExpectColumnValuesToBeInSet(
-            column=LOYALTY_MEMBER,
-            value_set=["true", "false"],
-            description="Loyalty Member is true or false.",
-            meta=_meta("loyalty_member_boolean", LOYALTY_MEMBER),
-        ),
-        gxe.ExpectColumnValuesToNotBeNull(
-            column=LTV_CENTS,
-            description="Lifetime Value is a number with at most two decimals.",
-            meta=_meta("lifetime_value_numeric", LIFETIME_VALUE),
-        ),
-        gxe.ExpectColumnValuesToNotBeNull(
-            column=ORDERS_INT,
-            description="Order Count is a whole number.",
-            meta=_meta("order_count_numeric", ORDER_COUNT),
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column=ORDERS_INT,
-            min_value=0,
-            description="Order Count is not negative.",
-            meta=_meta("order_count_non_negative", ORDER_COUNT),
-        ),
-        gxe.ExpectColumnValuesToNotBeNull(
-            column=P30_INT,
-            description="Purchases Last 30 Days is a whole number.",
-            meta=_meta("purchases_30d_numeric", PURCHASES_30D),
-        ),
-        gxe.ExpectColumnValuesToBeBetween(
-            column=P30_INT,
-            min_value=0,
-            description="Purchases Last 30 Days is not negative.",
-            meta=_meta("purchases_30d_non_negative", PURCHASES_30D),
-        ),
-        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A=ORDERS_INT,
-            column_B=P30_INT,
-            or_equal=True,
-            ignore_row_if="either_value_is_missing",
-            description="Purchases Last 30 Days never exceeds Order Count.",
-            meta=_meta("purchases_30d_within_order_count", PURCHASES_30D),
-        ),
-        gxe.ExpectColumnValuesToBeInSet(
-            column=HAS_ORDERS_FOR_VALUE,
-            value_set=[True],
-            description="A positive Lifetime Value comes with at least one order.",
-            meta=_meta("orders_behind_positive_value", ORDER_COUNT),
-        ),
-        gxe.ExpectColumnPairValuesToBeEqual(
-            column_A=TIER,
-            column_B=RULE_TIER,
-            ignore_row_if="either_value_is_missing",
-            description=(
-                "Tier equals the tier its defining rule gives (first match wins): "
-                f"Evergreen LTV >= {rules.evergreen_min_cents / 100:.2f}; Bloom >= {rules.bloom_min_cents / 100:.2f}; "
-                f"Sprout >= {rules.sprout_min_cents / 100:.2f} or >= {rules.sprout_min_purchases_in_window} "
-                "purchases in the window; Seed loyalty member with an order; First Time Buyer an order; "
-                "else None."
-            ),
-            meta=_meta("tier_consistent_with_rule", TIER),
-        ),
-        gxe.ExpectTableRowCountToBeBetween(
-            min_value=min_rows,
-            description=(
-                f"Row count did not drop more than {rules.max_row_drop_fraction:.0%} "
-                f"against the previous validated run ({previous_row_count if previous_row_count is not None else 'none'})."
-            ),
-            meta=_meta("row_count_not_dropped", None) | {"previous_row_count": previous_row_count},
-        ),
-    ]
-    if has_previous_tiers:
-        expectations.append(
-            gxe.ExpectColumnValuesToBeInSet(
-                column=TIER_CHANGED,
-                value_set=[False],
-                mostly=1.0 - ceiling,
-                description=f"At most {ceiling:.0%} of customers change tier in one run.",
-                meta=_meta("tier_change_share", TIER),
-            )
-        )
-    return gx.ExpectationSuite(name=name, expectations=expectations)
-
-
-def build_warning_suite(rules: TierRules, *, name: str = WARNINGS_SUITE_NAME) -> Any:
-    """Reported, never blocking: e.g. one email address on many customers (a placeholder)."""
-    gx = _import_gx()
-    import great_expectations.expectations as gxe
-    from great_expectations.expectations.metadata_types import FailureSeverity
-
-    limit = max(int(rules.placeholder_email_min_customers), 2)
-    return gx.ExpectationSuite(
-        name=name,
-        expectations=[
-            gxe.ExpectColumnValuesToBeBetween(
-                column=EMAIL_SHARED_BY,
-                max_value=limit - 1,
-                severity=FailureSeverity.WARNING,
-                description=f"No email address is shared by {limit} or more customers (a placeholder).",
-                meta=_meta("placeholder_emails", EMAIL),
-            )
-        ],
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,18 +113,17 @@ def read_master(url: str) -> pd.DataFrame:
 def _rule_tiers(
     ltv: pd.Series, orders: pd.Series, p30: pd.Series, loyal: pd.Series, rules: TierRules
 ) -> pd.Series:
-    """tier-rules.md, first match wins; None where an input could not be parsed."""
-    import numpy as np
+    """The engine's own rule (`rules.assign_tiers`) on the parsed CSV; None where an input could not
+    be parsed (those rows fail their own parse checks instead)."""
     import pandas as pd
 
-    conditions = [
-        ltv >= rules.evergreen_min_cents,
-        ltv >= rules.bloom_min_cents,
-        (ltv >= rules.sprout_min_cents) | (p30 >= rules.sprout_min_purchases_in_window),
-        (loyal == "true") & (orders >= 1),
-        orders >= 1,
-    ]
-    choice = np.select(conditions, [EVERGREEN, BLOOM, SPROUT, SEED, FIRST_TIME_BUYER], default=NO_TIER)
+    choice = assign_tiers(
+        ltv.to_numpy(dtype=float),
+        orders.to_numpy(dtype=float),
+        p30.to_numpy(dtype=float),
+        (loyal == "true").to_numpy(dtype=bool),
+        rules,
+    )
     unknown = ltv.isna() | orders.isna() | p30.isna() | ~loyal.isin(["true", "false"])
     out = pd.Series(choice, index=ltv.index, dtype=object)
     out[unknown] = None
@@ -367,25 +176,25 @@ def prepare_frame(
 
 
 def find_baseline(paths: RunPaths) -> Baseline:
-    """The newest run before this one whose master passed validation (failed runs are skipped)."""
-    notes: list[str] = []
-    validated = validated_runs_before(paths)
-    newest_good = validated[0].rsplit("/", 1)[-1] if validated else ""
-    for key in sorted(fileio.listdir(paths.runs_dir), reverse=True):
-        if is_run_key(key) and newest_good < key < paths.key:
-            notes.append(f"run {key} skipped as baseline: not validated or failed")
-    for run_dir in validated:
-        master = fileio.join(run_dir, "customer_analytics_master.csv")
-        if not fileio.exists(master):
-            notes.append(f"run {run_dir.rsplit('/', 1)[-1]} skipped as baseline: no master CSV")
-            continue
-        prev = read_master(master)
-        tiers: dict[str, str] = {}
-        if CUSTOMER_ID in prev.columns and TIER in prev.columns:
-            tiers = dict(zip(prev[CUSTOMER_ID].astype(str), prev[TIER].astype(str), strict=True))
-        return Baseline(run_key=run_dir.rsplit("/", 1)[-1], row_count=len(prev), tiers=tiers, notes=tuple(notes))
-    notes.append("no previous validated run: row-count and tier-change checks compare with nothing and pass")
-    return Baseline(notes=tuple(notes))
+    """The ledger's baseline: the newest published run up to this one, the same day's included."""
+    found = ledger.baseline(paths)
+    floor = found[0] if found else ""
+    notes = [
+        f"run {key} skipped as baseline: never published (failed or not validated)"
+        for key in reversed(ledger.run_keys(paths))
+        if floor < key < paths.key and ledger.published_master(paths, key) is None
+    ]
+    if found is None:
+        notes.append("no previous published run: row-count and tier-change checks compare with nothing and pass")
+        return Baseline(notes=tuple(notes))
+    key, master = found
+    if key == paths.key:
+        notes.append(f"re-run of {key}: compared with what that day published")
+    prev = read_master(master)
+    tiers: dict[str, str] = {}
+    if CUSTOMER_ID in prev.columns and TIER in prev.columns:
+        tiers = dict(zip(prev[CUSTOMER_ID].astype(str), prev[TIER].astype(str), strict=True))
+    return Baseline(run_key=key, row_count=len(prev), tiers=tiers, notes=tuple(notes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,13 +417,15 @@ def validate_master(paths: RunPaths, rules: TierRules) -> dict[str, Any]:
 
 
 def _write_report(paths: RunPaths, report: Mapping[str, Any]) -> None:
-    """Per-run JSON, plus validation/latest.json unless a newer run already wrote it (backfills)."""
+    """Per-run JSON, plus validation/latest.json when this run is the ledger's latest (backfills)."""
     fileio.write_json(paths.run_validation_json, report)
-    latest = fileio.join(paths.validation_dir, "latest.json")
-    current = fileio.read_json(latest, default=None)
-    current_key = (current.get("summary") or {}).get("run_key") if isinstance(current, dict) else None
-    if current_key is None or str(current_key) <= paths.key:
-        fileio.write_json(latest, report)
+    ledger.write_latest(paths, paths.latest_validation_json, report, as_of_of=_report_as_of)
+
+
+def _report_as_of(report: Any) -> str | None:
+    """The as_of of a validation report (from its run key)."""
+    key = (report.get("summary") or {}).get("run_key") if isinstance(report, dict) else None
+    return iso(ledger.key_as_of(str(key))) if key and ledger.is_run_key(str(key)) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,7 +90,9 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
             ("extract_orders", "compute_tiers"),
             ("compute_tiers", "validate_tiers"),
             ("compute_tiers", "commit_csv"),
-            ("validate_tiers", "commit_csv"),
+            ("validate_tiers", "publish_run"),
+            ("compute_tiers", "publish_run"),
+            ("publish_run", "commit_csv"),
             ("commit_csv", "plan_sync"),
             ("plan_sync", "sync_batch"),
             ("sync_batch", "verify_group_counts"),
@@ -98,7 +100,7 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
         ]
         + [
             (t, "run_outcome")
-            for t in ("extract_orders", "compute_tiers", "validate_tiers", "commit_csv", "plan_sync",
+            for t in ("extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync",
                       "sync_batch", "verify_group_counts", "write_sync_log")
         ]
     )

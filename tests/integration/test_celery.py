@@ -40,7 +40,7 @@ DAG_ID = "customer_tier_sync"
 TOKEN = "celery-it-token-3b8d"
 REDIS_URL = os.environ.get("TIER_SYNC_IT_REDIS_URL", "redis://127.0.0.1:6379/13")
 RUN_TIMEOUT = 300
-PIPELINE = {"extract_orders", "compute_tiers", "validate_tiers", "commit_csv", "plan_sync", "sync_batch",
+PIPELINE = {"extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync", "sync_batch",
             "verify_group_counts", "write_sync_log"}
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -320,3 +321,62 @@ def test_revoked_token_fails_fast_naming_the_connection(deployment: Deployment) 
     assert TOKEN not in output
     # Fails at once: the extract task is not retried against a token that cannot work.
     assert len([r for r in dep.sim.requests if r.status == 401]) <= 2
+
+
+@contextmanager
+def _stamped_at(store: Any, instant: datetime) -> Iterator[None]:
+    """Store changes made inside are stamped at `instant` (even before the store's own `now`)."""
+    clock, floor = store.clock, store.time_floor
+    store.clock, store.time_floor = (lambda: instant), None
+    try:
+        yield
+    finally:
+        store.clock, store.time_floor = clock, floor
+
+
+def test_a_same_day_rerun_after_a_wiped_extraction_fails_the_gate_and_publishes_nothing(
+    deployment: Deployment,
+) -> None:
+    dep = deployment
+    state, output = dep.dags_test(conf={"allow_mass_change": True})
+    assert state == "success", output[-4000:]
+    commits, writes = dep.git_log(), len(dep.writes())
+    latest = (dep.data_dir / "latest.json").read_bytes()
+    master = (dep.data_dir / "customer_analytics_master.csv").read_bytes()
+    history = (dep.data_dir / "tier_history.csv").read_bytes()
+
+    # 90% of the sales are deleted, stamped before as_of, and the same day is run again.
+    store = dep.sim.store
+    with _stamped_at(store, AS_OF - timedelta(minutes=30)), store.lock:
+        live = sorted(sid for sid, s in store.sales.items() if s.get("deleted_at") is None)
+        for sid in live[: int(len(live) * 0.9)]:
+            store.sales[sid]["deleted_at"] = (AS_OF - timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+            store.stamp(store.sales[sid])
+    state, output = dep.dags_test()
+    assert state == "failed", output[-4000:]
+    report = json.loads((dep.data_dir / "runs" / "20261125T020000Z" / "validation.json").read_text())
+    assert report["summary"]["success"] is False
+    assert report["summary"]["previous_run"] == "20261125T020000Z", report["summary"]  # the day's published run
+    assert dep.git_log() == commits, "nothing may be committed after a failed validation"
+    assert len(dep.writes()) == writes, "nothing may be written to the POS after a failed validation"
+    assert (dep.data_dir / "latest.json").read_bytes() == latest
+    assert (dep.data_dir / "customer_analytics_master.csv").read_bytes() == master
+    assert (dep.data_dir / "tier_history.csv").read_bytes() == history
+
+
+def test_a_run_dated_in_the_future_fails_at_once_and_the_next_real_run_works(
+    deployment: Deployment, smtp_inbox: list[str]
+) -> None:
+    dep = deployment
+    state, output = dep.dags_test(datetime(2099, 1, 1, 2, tzinfo=UTC), conf={"allow_mass_change": True})
+    assert state == "failed"
+    assert "Refusing a run as of 2099-01-" in output
+    assert dep.sim.requests == [], "a future run must not even read the POS"
+    written = sorted(p for p in dep.data_dir.rglob("*") if p.is_file()) if dep.data_dir.exists() else []
+    assert written == [], f"a future run must write nothing, wrote {written}"
+    assert any("2099-01-" in m for m in smtp_inbox), smtp_inbox
+
+    state, output = dep.dags_test(conf={"allow_mass_change": True})
+    assert state == "success", output[-4000:]
+    assert json.loads((dep.data_dir / "latest.json").read_text())["as_of"] == "2026-11-25T02:00:00Z"
+    assert len(dep.git_log()) == 1 and dep.sync_log()["synced"] is True and dep.writes()

@@ -260,7 +260,7 @@ def test_triggered_run_end_to_end(onboarding: Onboarding) -> None:
     d, run_id = onboarding.deployment, onboarding.run_id
     assert onboarding.state == "success", d.diagnose(run_id)
     states = {(ti.task_id, ti.map_index): ti.state for ti in onboarding.tis}
-    core = ["extract_orders", "compute_tiers", "validate_tiers", "commit_csv", "plan_sync",
+    core = ["extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync",
             "verify_group_counts", "write_sync_log"]
     assert all(states.get((t, -1)) == "success" for t in core), states
     assert {s for (t, _), s in states.items() if t == "sync_batch"} == {"success"}, states

@@ -19,8 +19,8 @@ from urllib.parse import quote
 import pytest
 
 from include.tier_sync import alerts
-from include.tier_sync.runtime import RunPaths
-from include.tier_sync.settings import TierRules
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.rules import TierRules
 
 pytestmark = pytest.mark.unit
 

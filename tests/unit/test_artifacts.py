@@ -15,7 +15,8 @@ from include.tier_sync.artifacts import (
     master_asset_extra,
     write_run_manifest,
 )
-from include.tier_sync.runtime import RunPaths, iso
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.runtime import iso
 
 pytestmark = pytest.mark.unit
 

@@ -22,7 +22,7 @@ from include.tier_sync.clv import (
     versions_as_of,
 )
 from include.tier_sync.money import sale_amount_cents
-from include.tier_sync.settings import TierRules
+from include.tier_sync.rules import TierRules
 
 pytestmark = pytest.mark.unit
 

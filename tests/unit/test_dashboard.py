@@ -21,10 +21,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from include.tier_sync import dashboard, fileio
+from include.tier_sync import dashboard, dashboard_cache, dashboard_master, fileio
 from include.tier_sync.clv import compute_customer_metrics
+from include.tier_sync.ledger import RunPaths
 from include.tier_sync.master_csv import compute_tiers, publish_run
-from include.tier_sync.runtime import RunPaths, iso
+from include.tier_sync.runtime import iso
 from include.tier_sync.store import CUSTOMERS, CUSTOMERS_SCHEMA, SALES, SALES_SCHEMA, OrderStore
 from tests.unit.test_clv import AS_OF, DAY, RULES, customer, customers_df, sale, sales_df
 
@@ -157,7 +158,7 @@ def data_dir(request: pytest.FixtureRequest, local_dir: str, memory_dir: str) ->
 
 
 def master_rows(url: str) -> dict[str, dict[str, str]]:
-    df = dashboard._read_csv(fileio.join(url, "customer_analytics_master.csv"))
+    df = dashboard_cache.read_csv(fileio.join(url, "customer_analytics_master.csv"))
     return {r["Customer ID"]: r for r in df.to_dict("records")}
 
 
@@ -461,14 +462,14 @@ def test_concurrent_requests_parse_the_master_once(
     for name in ("customer_analytics_master.csv", "latest.json"):
         fileio.copy(fileio.join(local_dir, name), str(tmp_path / name))
     calls = []
-    real = dashboard._read_csv
+    real = dashboard_master.read_csv
 
     def slow_read(url: str, usecols: list[str] | None = None) -> Any:
         calls.append(url)
         time.sleep(0.3)
         return real(url, usecols)
 
-    monkeypatch.setattr(dashboard, "_read_csv", slow_read)
+    monkeypatch.setattr(dashboard_master, "read_csv", slow_read)
     results: list[Any] = []
     threads = [
         threading.Thread(target=lambda: results.append(dashboard.load_master(str(tmp_path))))

@@ -16,7 +16,7 @@ import pytest
 
 from include.tier_sync import fileio
 from include.tier_sync.extract import extract_orders
-from include.tier_sync.lightspeed import ApiStats
+from include.tier_sync.lightspeed_http import ApiStats
 from include.tier_sync.store import MalformedRecordError, OrderStore
 
 pytestmark = pytest.mark.unit

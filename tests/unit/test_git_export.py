@@ -14,23 +14,18 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from include.tier_sync import git_export
-from include.tier_sync.git_export import (
-    GitExportError,
-    GitPushError,
-    build_commit_message,
-    commit_master,
-    parse_remote,
-    scrub,
-)
-from include.tier_sync.runtime import RunPaths, iso
+from include.tier_sync import fileio, git_remote, ledger
+from include.tier_sync.git_export import GitPushError, build_commit_message, commit_master
+from include.tier_sync.git_remote import GitExportError, parse_remote, scrub
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.runtime import iso
 
 pytestmark = pytest.mark.unit
 
@@ -70,6 +65,11 @@ def make_run(data: Path, as_of: datetime, rows: list[str], history: str | None =
     (run_dir / "customer_analytics_master.csv").write_text(HEADER + "".join(r + "\n" for r in rows))
     if history is not None:
         Path(paths.tier_history).write_text(history)
+    # What publish_run records before commit_csv runs: the ledger is how git knows the newest day.
+    with ledger.publishing(paths):
+        ledger.record_published(paths, identity(as_of), {})
+        if ledger.is_newest_run(paths):
+            fileio.write_json(paths.latest_json, {"as_of": iso(as_of)})
     return paths
 
 
@@ -200,6 +200,24 @@ def test_backfill_does_not_regress_newer_master(tmp_path: Path) -> None:
     assert "newer run" in git(remote, "log", "-1", "--format=%B", "main")
 
 
+def test_a_future_trailer_pushed_by_anyone_does_not_stop_the_next_commit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    remote = default_remote(data)
+    commit_master(make_run(data, DAY1, ["c1,Bloom,Seed"]), identity(DAY1), SUMMARY, remote=str(remote), branch="main")
+    # Someone pushes a master whose trailer claims a day far in the future.
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(remote), str(clone))
+    (clone / "customer_analytics_master.csv").write_text(HEADER + "c1,Seed,None\n")
+    git(clone, "commit", "-qam", "hand edit\n\nTier-Sync-Run: 20991231T020000Z\nTier-Sync-As-Of: 2099-12-31T02:00:00Z")
+    git(clone, "push", "-q", "origin", "main")
+
+    out = commit_master(make_run(data, DAY2, ["c1,Evergreen,Bloom"]), identity(DAY2), SUMMARY, remote=str(remote), branch="main")
+
+    assert out["changed"] and out["pushed"]
+    assert git(remote, "show", "main:customer_analytics_master.csv") == HEADER + "c1,Evergreen,Bloom\n"
+    assert "left as is" not in git(remote, "log", "-1", "--format=%B", "main")
+
+
 def test_race_with_another_clone_rebases_and_pushes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -211,10 +229,10 @@ def test_race_with_another_clone_rebases_and_pushes(
 
     other = tmp_path / "other"
     git(tmp_path, "clone", "-q", str(remote), str(other))
-    real_run = git_export._Git.run
+    real_run = git_remote._Git.run
     raced: list[bool] = []
 
-    def racing_run(self: git_export._Git, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def racing_run(self: git_remote._Git, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         if args[:1] == ("push",) and not raced:
             raced.append(True)  # another clone pushes between our fetch and our push
             (other / "README.md").write_text("tiers\n")
@@ -224,7 +242,7 @@ def test_race_with_another_clone_rebases_and_pushes(
             git(other, "push", "-q", "origin", "main")
         return real_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(git_export._Git, "run", racing_run)
+    monkeypatch.setattr(git_remote._Git, "run", racing_run)
     out = commit_master(
         make_run(data, DAY2, ["c1,Evergreen,Bloom"]),
         identity(DAY2, "day2"),
@@ -311,10 +329,10 @@ def test_push_race_that_never_settles_fails_clearly(tmp_path: Path, monkeypatch:
     )
     other = tmp_path / "other"
     git(tmp_path, "clone", "-q", str(remote), str(other))
-    real_run = git_export._Git.run
+    real_run = git_remote._Git.run
     counter = iter(range(100))
 
-    def always_racing(self: git_export._Git, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def always_racing(self: git_remote._Git, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         if args[:1] == ("push",):
             (other / "noise.txt").write_text(str(next(counter)))
             git(other, "add", "noise.txt")
@@ -322,7 +340,7 @@ def test_push_race_that_never_settles_fails_clearly(tmp_path: Path, monkeypatch:
             git(other, "push", "-q", "origin", "main")
         return real_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(git_export._Git, "run", always_racing)
+    monkeypatch.setattr(git_remote._Git, "run", always_racing)
     with pytest.raises(GitPushError, match="fetch first|non-fast-forward"):
         commit_master(
             make_run(data, DAY2, ["c1,Sprout,Seed"]),
@@ -539,8 +557,8 @@ def test_token_from_connection_reaches_git_only_through_env(
     assert any(" push " in f" {line} " for line in argv)
     assert all(TOKEN not in line for line in argv)
     token_env = {line.split("=", 1)[0] for line in calls if line.startswith("ENV ") and TOKEN in line}
-    assert token_env == {f"ENV {git_export.TOKEN_ENV}"}
-    assert TOKEN not in os.environ.get(git_export.TOKEN_ENV, "")  # the worker's env is untouched
+    assert token_env == {f"ENV {git_remote.TOKEN_ENV}"}
+    assert TOKEN not in os.environ.get(git_remote.TOKEN_ENV, "")  # the worker's env is untouched
 
 
 def test_wrong_token_fails_without_leaking_it(
@@ -574,8 +592,28 @@ def test_variable_remote_wins_over_connection_host(tmp_path: Path, monkeypatch: 
     assert len(remote_log(explicit)) == 1
 
 
+def test_connection_host_is_the_remote_when_no_variable_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit task used to pass the Variable-or-default remote, so the connection's host was never used."""
+    from include.tier_sync import tasks
+
+    data = tmp_path / "data"
+    from_conn = tmp_path / "from-connection.git"
+    git(tmp_path, "init", "-q", "--bare", "--initial-branch=main", str(from_conn))
+    monkeypatch.delenv("AIRFLOW_VAR_TIER_SYNC_GIT_REMOTE", raising=False)
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", str(data))
+    monkeypatch.setenv("AIRFLOW_CONN_GIT_DEFAULT", json.dumps({"conn_type": "git", "host": str(from_conn)}))
+    paths = make_run(data, DAY1, ["c1,Seed,None"])
+    context = {"data_interval_start": DAY1 - timedelta(days=1), "data_interval_end": DAY1, "run_id": "r1"}
+
+    out = tasks.commit_task(context, {"changes": 0})
+
+    assert out["remote"] == str(from_conn) and out["pushed"]
+    assert len(remote_log(from_conn)) == 1
+    assert not default_remote(Path(paths.data_dir)).exists()
+
+
 def test_ssh_environment_from_connection_extras(tmp_path: Path) -> None:
-    auth = git_export.GitAuth.from_fields(
+    auth = git_remote.GitAuth.from_fields(
         None,
         "git",
         None,
@@ -588,14 +626,14 @@ def test_ssh_environment_from_connection_extras(tmp_path: Path) -> None:
         },
     )
     remote = parse_remote("git@example.invalid:org/tiers.git")
-    with git_export.git_environment(remote, auth) as env:
+    with git_remote.git_environment(remote, auth) as env:
         command = env["GIT_SSH_COMMAND"]
         key_path = command.split("-i ", 1)[1].split()[0]
         assert oct(os.stat(key_path).st_mode & 0o777) == "0o600"
         assert "StrictHostKeyChecking=accept-new" in command and "-p 2222" in command
         assert "UserKnownHostsFile=/etc/kh" in command
-        assert env[git_export.PASSPHRASE_ENV] == "passphrase-1234"
+        assert env[git_remote.PASSPHRASE_ENV] == "passphrase-1234"
         assert "passphrase-1234" not in Path(env["SSH_ASKPASS"]).read_text()
-        assert env["GIT_AUTHOR_NAME"] == "Tier Bot" and git_export.TOKEN_ENV not in env
+        assert env["GIT_AUTHOR_NAME"] == "Tier Bot" and git_remote.TOKEN_ENV not in env
     assert not os.path.exists(key_path)  # the key file lives only as long as the export
     assert "passphrase" not in repr(auth)

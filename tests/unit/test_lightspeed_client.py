@@ -20,10 +20,9 @@ from include.tier_sync.lightspeed import (
     LightspeedNotFound,
     LightspeedUnavailable,
     Page,
-    dumps_exact,
-    parse_retry_after,
     resolve_base_url,
 )
+from include.tier_sync.lightspeed_http import dumps_exact, parse_retry_after
 from include.tier_sync.rate_budget import RateBudget
 from tests.unit.fakes import FakeTime
 

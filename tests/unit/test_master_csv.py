@@ -15,6 +15,7 @@ import pytest
 
 from include.tier_sync import fileio
 from include.tier_sync.clv import compute_customer_metrics
+from include.tier_sync.ledger import RunPaths
 from include.tier_sync.master_csv import (
     MASTER_COLUMNS,
     build_master,
@@ -23,7 +24,7 @@ from include.tier_sync.master_csv import (
     format_cents_array,
     publish_run,
 )
-from include.tier_sync.runtime import RunPaths, iso
+from include.tier_sync.runtime import iso
 from tests.unit.test_clv import AS_OF, DAY, RULES, customer, customers_df, sale, sales_df
 
 pytestmark = pytest.mark.unit
@@ -305,7 +306,7 @@ def test_previous_run_is_the_one_before_this_key_not_the_newest_file(tmp_path: P
     out = run(tmp_path, FakeStore(sales_df(sale("s1", "c1", "900.00", t)), custs), AS_OF)  # Bloom
     row = by_id(out["master_csv"])["c1"]
     assert (row["Previous Tier"], row["Tier"]) == ("Sprout", "Bloom")
-    assert out["previous_run"].endswith("runs/20261124T020000Z/customer_analytics_master.csv")
+    assert out["previous_run"].endswith("runs/20261124T020000Z/published/customer_analytics_master.csv")
 
 
 # --- reproducibility -----------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 
 from include.tier_sync import sync
+from include.tier_sync.ledger import RunPaths
 from include.tier_sync.lightspeed import LightspeedClient, LightspeedUnavailable
-from include.tier_sync.runtime import RunPaths
-from include.tier_sync.settings import TierRules
+from include.tier_sync.rules import TierRules
 from tests import oracle
 from tools.lightspeed_sim.demo import generate_demo_store
 from tools.lightspeed_sim.testing import clock_after, running_simulator

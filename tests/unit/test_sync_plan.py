@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from include.tier_sync import sync
-from include.tier_sync.runtime import RunPaths
-from include.tier_sync.settings import TIERS, TierRules
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.rules import TIERS, TierRules
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from include.tier_sync import validation as v
-from include.tier_sync.runtime import RunPaths
-from include.tier_sync.settings import TierRules
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.rules import TierRules
 
 pytestmark = pytest.mark.unit
 
@@ -114,7 +114,7 @@ def test_good_data_passes_and_writes_artifacts(tmp_path: Path) -> None:
     assert summary["success"] is True
     assert summary["failed"] == [] and summary["failed_details"] == []
     assert summary["evaluated"] >= 14 and summary["row_count"] == 100
-    assert summary["previous_run"] is None and any("no previous validated run" in n for n in summary["notes"])
+    assert summary["previous_run"] is None and any("no previous published run" in n for n in summary["notes"])
     json.dumps(summary)  # XCom-able
     report = json.loads(Path(paths.run_validation_json).read_text())
     assert report["summary"]["success"] is True
@@ -324,8 +324,8 @@ QUIET_SCRIPT = """
 import logging, sys
 from datetime import datetime, UTC
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
-from include.tier_sync.runtime import RunPaths
-from include.tier_sync.settings import TierRules
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.rules import TierRules
 from include.tier_sync.validation import validate_master
 print(validate_master(RunPaths(sys.argv[1], datetime(2026, 11, 25, 2, tzinfo=UTC)), TierRules())["success"])
 """

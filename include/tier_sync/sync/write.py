@@ -1,0 +1,286 @@
+"""Writing one batch: the re-check against the live feed, membership calls, per-customer fallback.
+
+This is the only code that changes the store's till, and it runs in each of up to 256 mapped
+``sync_batch`` instances, so it loads only its batch file (and its progress file) and imports no
+pandas, numpy or pyarrow, not even lazily (tests/unit/test_sync_write_imports.py proves it).
+
+* **Current group is re-checked right before writing** against the customers version feed since
+  the plan's cursor: anyone a person moved meanwhile is left alone (``changed_in_pos``).
+* **Idempotent writes**: adding a customer to a group is naturally idempotent; before each call the
+  batch records the ids it is about to send (``.progress.json``), so a retried batch recognises its
+  own earlier, possibly unacknowledged, writes in the feed and reports them as ``updated`` without
+  a second write. A customer a person put in the target group counts as ``skipped``.
+* Every batch writes its result file next to its batch file, ``failed`` included, so the sync log
+  can be aggregated from files even when an XCom is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from include.tier_sync import fileio
+from include.tier_sync.sync.batches import CALL_SIZE, chunks, progress_path, read_batch, ref_path, result_path
+from include.tier_sync.sync.contracts import (
+    FORMAT_VERSION,
+    BatchFile,
+    BatchMove,
+    BatchResult,
+    api_diff,
+    api_stats,
+    is_null,
+    zero_api,
+)
+from include.tier_sync.sync.groups import is_placeholder
+
+if TYPE_CHECKING:
+    from include.tier_sync.lightspeed import LightspeedClient
+
+log = logging.getLogger(__name__)
+
+
+def new_result(ref: str, batch: Mapping[str, Any]) -> BatchResult:
+    """A batch's result before anything happened (also the base of a "never finished" result)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "ref": ref,
+        "plan_id": batch.get("plan_id"),
+        "index": batch.get("index"),
+        "tier": batch.get("tier"),
+        "group_id": batch.get("group_id"),
+        "size": len(batch.get("moves") or []),
+        "status": "running",
+        "written": False,
+        "updated": 0,
+        "skipped": 0,
+        "changed_in_pos": 0,
+        "errors": 0,
+        "skip_reasons": {},
+        "moves_applied": {},
+        "changed_in_pos_ids": [],
+        "deleted_ids": [],
+        "error_details": [],
+        "api": zero_api(),
+    }
+
+
+def recheck_customers(
+    client: LightspeedClient, ids: Iterable[str], customers_cursor: int
+) -> dict[str, dict[str, Any]]:
+    """Newest state of ``ids`` among customers changed since the plan's cursor (deleted included).
+
+    One pass over the version feed: cheap (only what changed since the extraction), complete
+    (unlike search), and it sees our own earlier writes as well as a person's.
+    """
+    wanted = set(ids)
+    seen: dict[str, dict[str, Any]] = {}
+    for page in client.iter_pages("/customers", after=int(customers_cursor), params={"deleted": "true"}):
+        for record in page.data:
+            cid = str(record.get("id"))
+            if cid not in wanted:
+                continue
+            version = int(record.get("version") or 0)
+            if cid not in seen or version >= int(seen[cid].get("version") or 0):
+                seen[cid] = record
+    return seen
+
+
+def sync_batch(
+    ref: Mapping[str, Any] | str, client: LightspeedClient, *, writes_allowed: bool
+) -> BatchResult:
+    """Write one batch (`ref`: a `BatchRef` or the batch file's path): re-check, then membership calls.
+
+    Per customer of the batch (``from`` = planned from-group, ``to`` = target):
+
+    * not changed since the plan, or changed but still in ``from`` -> written;
+    * now in ``to``: ``updated`` when an earlier attempt of this batch sent it (a retry after an
+      unacknowledged write), else ``skipped`` (a person did it); no second write. A force_resync
+      re-assert (``from == to``) is written again unless an earlier attempt sent it;
+    * in any other group -> ``changed_in_pos``, left alone;
+    * deleted meanwhile -> ``skipped``.
+
+    A membership call refused with a 4xx other than 429 falls back to GET + PUT per customer of
+    that call: a 404 or a refused PUT becomes an ``error_details`` entry and the others go on.
+    5xx, resets and 429 are the client's to retry; when it gives up (or auth fails) this raises,
+    after writing a ``failed`` result file, so Airflow retries the batch, idempotently.
+    With ``writes_allowed=False`` nothing is sent at all (zero requests): every move is ``skipped``.
+    """
+    path = ref_path(ref)
+    batch = read_batch(path)
+    group_id = str(batch["group_id"])
+    moves = list(batch["moves"])
+    result = new_result(path, batch)
+    stats_before = api_stats(client)
+    try:
+        if not writes_allowed:
+            result["skipped"] = len(moves)
+            result["skip_reasons"] = {"writes_not_allowed": len(moves)}
+            result["written"] = False
+        else:
+            if is_placeholder(group_id):
+                raise ValueError(f"batch {path} targets a group that does not exist ({group_id})")
+            _write_batch(client, batch, moves, result, path)
+            result["written"] = True
+        result["status"] = "done"
+    except Exception as exc:
+        result["status"] = "failed"
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["api"] = api_diff(api_stats(client), stats_before)
+        fileio.write_json(result_path(path), result)
+        raise
+    result["api"] = api_diff(api_stats(client), stats_before)
+    fileio.write_json(result_path(path), result)
+    log.info(
+        "Batch %s of %s (%s, %s customers): %s updated, %s skipped, %s changed in POS, %s errors; %s requests",
+        batch.get("index"),
+        batch.get("of", "?"),
+        batch.get("tier"),
+        len(moves),
+        result["updated"],
+        result["skipped"],
+        result["changed_in_pos"],
+        result["errors"],
+        result["api"]["requests"],
+    )
+    return result
+
+
+@dataclass
+class _Tally:
+    """What one batch did so far; folded into its BatchResult at the end."""
+
+    group_id: str
+    tier: str
+    result: BatchResult
+    applied: Counter[str] = field(default_factory=Counter)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+
+    def applied_move(self, move: BatchMove) -> None:
+        self.applied[f"{move['from']}->{self.tier}"] += 1
+
+    def deleted(self, cid: str) -> None:
+        self.skip_reasons["deleted"] += 1
+        self.result["deleted_ids"].append(cid)
+
+    def fold(self) -> None:
+        result = self.result
+        result["moves_applied"] = dict(sorted(self.applied.items()))
+        result["updated"] = sum(self.applied.values())
+        result["skip_reasons"] = dict(sorted(self.skip_reasons.items()))
+        result["skipped"] = sum(self.skip_reasons.values())
+        result["changed_in_pos"] = len(result["changed_in_pos_ids"])
+        result["errors"] = len(result["error_details"])
+
+
+def _current_group(record: Mapping[str, Any]) -> str | None:
+    value = record.get("customer_group_id")
+    return None if is_null(value) else str(value)
+
+
+def _attempted_before(progress_file: str, plan_id: str | None) -> set[str]:
+    """Ids an earlier attempt of this batch (same plan) was about to send."""
+    progress = fileio.read_json(progress_file) or {}
+    return set(progress.get("attempted") or []) if progress.get("plan_id") == plan_id else set()
+
+
+def _triage(
+    moves: Sequence[BatchMove], live: Mapping[str, Mapping[str, Any]], attempted: set[str], tally: _Tally
+) -> list[BatchMove]:
+    """The moves still to write, after the re-check; the others are tallied here."""
+    to_write: list[BatchMove] = []
+    for move in moves:
+        cid = str(move["customer_id"])
+        record = live.get(cid)
+        if record is None:
+            to_write.append(move)
+            continue
+        if not is_null(record.get("deleted_at")):
+            tally.deleted(cid)
+            continue
+        now_group = _current_group(record)
+        if now_group == tally.group_id and cid in attempted:
+            tally.applied_move(move)  # our earlier, unacknowledged write landed
+        elif now_group == tally.group_id and move.get("from_group_id") != tally.group_id:
+            tally.skip_reasons["already_in_target"] += 1
+        elif now_group == move.get("from_group_id"):
+            to_write.append(move)
+        else:
+            tally.result["changed_in_pos_ids"].append(cid)
+    return to_write
+
+
+def _write_batch(
+    client: LightspeedClient,
+    batch: BatchFile,
+    moves: list[BatchMove],
+    result: BatchResult,
+    ref: str,
+) -> None:
+    from include.tier_sync.lightspeed import LightspeedClientError, LightspeedNotFound
+
+    tally = _Tally(group_id=str(batch["group_id"]), tier=str(batch["tier"]), result=result)
+    plan_id = batch.get("plan_id")
+    progress_file = progress_path(ref)
+    attempted = _attempted_before(progress_file, plan_id)
+    live = recheck_customers(client, (m["customer_id"] for m in moves), int(batch["customers_cursor"]))
+    to_write = _triage(moves, live, attempted, tally)
+
+    for call in chunks(to_write, CALL_SIZE):
+        ids = [str(m["customer_id"]) for m in call]
+        attempted.update(ids)
+        fileio.write_json(progress_file, {"plan_id": plan_id, "attempted": sorted(attempted)})
+        try:
+            client.add_customers_to_group(tally.group_id, ids)
+        except (LightspeedClientError, LightspeedNotFound) as exc:
+            status = getattr(exc, "status", 404)
+            log.warning(
+                "Membership call for %s customers refused (HTTP %s); falling back to one PUT each",
+                len(ids),
+                status,
+            )
+            _fallback_per_customer(client, call, tally)
+            continue
+        for move in call:
+            tally.applied_move(move)
+    tally.fold()
+
+
+def _fallback_per_customer(client: LightspeedClient, call: Sequence[BatchMove], tally: _Tally) -> None:
+    """Decision 4: GET the customer, change customer_group_id, PUT the whole object back.
+
+    The GET doubles as a last re-check: a customer who is no longer in the planned from-group
+    (and not already in the target) is left alone.
+    """
+    from include.tier_sync.lightspeed import LightspeedClientError, LightspeedNotFound
+
+    errors = tally.result["error_details"]
+    for move in call:
+        cid = str(move["customer_id"])
+        try:
+            _put_one(client, move, tally)
+        except LightspeedNotFound:
+            errors.append({"customer_id": cid, "error": "not found (HTTP 404)"})
+        except LightspeedClientError as exc:
+            status = getattr(exc, "status", None)
+            errors.append({"customer_id": cid, "error": f"refused (HTTP {status})"})
+
+
+def _put_one(client: LightspeedClient, move: BatchMove, tally: _Tally) -> None:
+    cid = str(move["customer_id"])
+    customer = dict(client.get_customer(cid))
+    if not is_null(customer.get("deleted_at")):
+        tally.deleted(cid)
+        return
+    now_group = _current_group(customer)
+    if now_group == tally.group_id and move.get("from_group_id") != tally.group_id:
+        tally.applied_move(move)  # the refused call may have applied it
+        return
+    if now_group != move.get("from_group_id"):
+        tally.result["changed_in_pos_ids"].append(cid)
+        return
+    customer["customer_group_id"] = tally.group_id
+    client.put_customer(cid, customer)
+    tally.applied_move(move)

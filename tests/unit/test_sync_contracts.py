@@ -1,0 +1,87 @@
+"""format_version on the sync's files: written everywhere, legacy (missing) accepted, newer refused."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from include.tier_sync import sync
+from include.tier_sync.ledger import RunPaths
+from include.tier_sync.sync import batches, verify
+from include.tier_sync.sync.contracts import FORMAT_VERSION, UnsupportedFormatVersion
+
+pytestmark = pytest.mark.unit
+
+AS_OF = datetime(2026, 11, 25, 2, tzinfo=UTC)
+
+
+def one_move_plan() -> sync.Plan:
+    move = sync.Move("c1", "Seed", "g-seed", "g-all", "All Customers")
+    return sync.Plan(
+        moves=[move],
+        total_customers=1,
+        managed=1,
+        protected=0,
+        deleted=0,
+        no_tier=0,
+        missing=0,
+        unchanged=0,
+        deferred_by_limit=0,
+        tier_breakdown={},
+        expected_members={"Seed": ["c1"]},
+    )
+
+
+def read(path: str) -> dict[str, object]:
+    doc = json.loads(Path(path).read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_every_file_carries_the_version(tmp_path: Path) -> None:
+    paths = RunPaths(str(tmp_path), AS_OF)
+    plan = one_move_plan()
+    refs = sync.write_batches(plan, paths, customers_cursor=1)
+    batches.write_expected_members(plan, paths)
+    verify.write_group_check(paths, {"checked": False, "reason": "test"})
+    log_doc = sync.finish_sync(paths, {"run_id": "r"})
+    assert "format_version" not in refs[0]  # the XCom ref stays as small as it was
+    for path in (
+        batches.plan_path(paths),
+        refs[0]["ref"],
+        batches.expected_members_path(paths),
+        paths.run_group_check,
+        paths.run_sync_log,
+    ):
+        assert read(path)["format_version"] == FORMAT_VERSION, path
+    assert log_doc["format_version"] == FORMAT_VERSION
+    assert sync.read_expected_members(paths) == {"Seed": ["c1"]}  # the version is not a tier
+
+
+def test_legacy_files_without_a_version_are_read(tmp_path: Path) -> None:
+    paths = RunPaths(str(tmp_path), AS_OF)
+    refs = sync.write_batches(one_move_plan(), paths, customers_cursor=1)
+    for path in (batches.plan_path(paths), refs[0]["ref"]):
+        doc = read(path)
+        del doc["format_version"]
+        Path(path).write_text(json.dumps(doc))
+    Path(batches.expected_members_path(paths)).write_text(json.dumps({"Seed": ["c1"]}))
+    assert sync.read_plan_doc(paths) is not None
+    assert batches.read_batch(refs[0])["moves"][0]["customer_id"] == "c1"
+    assert sync.read_expected_members(paths) == {"Seed": ["c1"]}
+    _, results = sync.load_batch_results(paths)  # no result yet: one failed result per batch
+    assert [r["errors"] for r in results] == [1]
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, "2", 0])
+def test_a_newer_or_bad_version_is_a_clear_error(tmp_path: Path, version: object) -> None:
+    paths = RunPaths(str(tmp_path), AS_OF)
+    sync.write_batches(one_move_plan(), paths, customers_cursor=1)
+    doc = read(batches.plan_path(paths))
+    doc["format_version"] = version
+    Path(batches.plan_path(paths)).write_text(json.dumps(doc))
+    with pytest.raises(UnsupportedFormatVersion, match="format_version"):
+        sync.read_plan_doc(paths)
