@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,20 @@ def test_airflow_settings_convert_to_airflow_import_formats() -> None:
     # A placeholder token is never loaded over a real one when asked to skip placeholders.
     _, _, kept = convert(settings, skip_placeholders=True)
     assert "lightspeed_default" not in kept
+
+
+MAX_MODULE_LINES = 600  # "modules a reader can hold in mind": one job each, a few hundred lines
+
+
+def test_no_module_in_include_is_too_long_to_hold_in_mind() -> None:
+    too_long = {
+        str(path.relative_to(REPO)): n
+        for path in sorted((REPO / "include").rglob("*.py"))
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert not too_long, f"split these by job (over {MAX_MODULE_LINES} lines): {too_long}"
+
+
+def test_ruff_keeps_the_complexity_rule_on() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["ruff"]["lint"]
+    assert "C90" in config["select"] and config["mccabe"]["max-complexity"] <= 15

@@ -385,50 +385,61 @@ class SimServer:
     def admin(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
         """Out-of-process control: /_sim/faults, /_sim/state, /_sim/requests, /_sim/token, /_sim/move."""
         sub = path[len(ADMIN_PREFIX) :].rstrip("/")
+        routes: dict[tuple[str, str], Callable[[bytes], Response]] = {
+            ("/faults", "GET"): lambda _: Response(200, {"data": [f.as_dict() for f in self.faults.faults]}),
+            ("/faults", "POST"): self._admin_add_fault,
+            ("/faults", "DELETE"): lambda _: self._admin_done(self.faults.clear),
+            # exact decimals, taken under the store lock
+            ("/state", "GET"): lambda _: Response(200, self.store.dumps().encode("utf-8"), {"Content-Type": "application/json"}),
+            ("/requests", "GET"): lambda _: Response(200, {"data": self._request_rows()}),
+            ("/token", "POST"): self._admin_token,
+            ("/move", "POST"): self._admin_move,
+            ("/rate_limit", "DELETE"): lambda _: self._admin_done(self.rate_limiter.reset),
+        }
+        route = routes.get((sub, method))
+        if route is None:
+            return _error(404, f"no admin route {method} {path}")
         try:
-            if sub == "/faults" and method == "GET":
-                return Response(200, {"data": [f.as_dict() for f in self.faults.faults]})
-            if sub == "/faults" and method == "POST":
-                spec = _json_object(body)
-                allowed = {"kind", "method", "path", "times", "probability", "status", "body", "seconds"}
-                extra = set(spec) - allowed
-                if extra:
-                    raise _BadRequest(f"unknown fault fields: {sorted(extra)}")
-                kwargs = {k: v for k, v in spec.items() if k != "kind"}
-                for key in ("probability", "seconds"):
-                    if kwargs.get(key) is not None:
-                        kwargs[key] = float(kwargs[key])
-                fault = self.faults.add(str(spec.get("kind")), **kwargs)
-                return Response(201, {"data": fault.as_dict()})
-            if sub == "/faults" and method == "DELETE":
-                self.faults.clear()
-                return Response(204)
-            if sub == "/state" and method == "GET":
-                text = self.store.dumps()  # exact decimals, taken under the store lock
-                return Response(200, text.encode("utf-8"), {"Content-Type": "application/json"})
-            if sub == "/requests" and method == "GET":
-                with self._requests_lock:
-                    rows = [list(r) for r in self.requests]
-                return Response(200, {"data": rows})
-            if sub == "/token" and method == "POST":
-                spec = _json_object(body)
-                if spec.get("expire"):
-                    self.expire_token()
-                if isinstance(spec.get("token"), str):
-                    self.set_token(spec["token"])
-                return Response(200, {"data": {"expired": self.token_expired}})
-            if sub == "/move" and method == "POST":
-                spec = _json_object(body)
-                customer = self.store.move_customer_to_group(str(spec.get("customer_id")), str(spec.get("group_id")))
-                return Response(200, {"data": customer})
-            if sub == "/rate_limit" and method == "DELETE":
-                self.rate_limiter.reset()
-                return Response(204)
+            return route(body)
         except (_BadRequest, StoreError) as exc:
             return _error(exc.status, str(exc))
         except (TypeError, ValueError) as exc:
             return _error(400, str(exc))
-        return _error(404, f"no admin route {method} {path}")
+
+    @staticmethod
+    def _admin_done(action: Callable[[], object]) -> Response:
+        action()
+        return Response(204)
+
+    def _request_rows(self) -> list[list[Any]]:
+        with self._requests_lock:
+            return [list(r) for r in self.requests]
+
+    def _admin_add_fault(self, body: bytes) -> Response:
+        spec = _json_object(body)
+        allowed = {"kind", "method", "path", "times", "probability", "status", "body", "seconds"}
+        extra = set(spec) - allowed
+        if extra:
+            raise _BadRequest(f"unknown fault fields: {sorted(extra)}")
+        kwargs = {k: v for k, v in spec.items() if k != "kind"}
+        for key in ("probability", "seconds"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = float(kwargs[key])
+        fault = self.faults.add(str(spec.get("kind")), **kwargs)
+        return Response(201, {"data": fault.as_dict()})
+
+    def _admin_token(self, body: bytes) -> Response:
+        spec = _json_object(body)
+        if spec.get("expire"):
+            self.expire_token()
+        if isinstance(spec.get("token"), str):
+            self.set_token(spec["token"])
+        return Response(200, {"data": {"expired": self.token_expired}})
+
+    def _admin_move(self, body: bytes) -> Response:
+        spec = _json_object(body)
+        customer = self.store.move_customer_to_group(str(spec.get("customer_id")), str(spec.get("group_id")))
+        return Response(200, {"data": customer})
 
 
 def _live(record: dict[str, Any]) -> bool:
