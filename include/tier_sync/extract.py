@@ -5,6 +5,11 @@ the cursor of the last page they came from (one manifest write), every `commit_e
 and at the end. A crash loses only pages read since the last commit; the next run starts from the
 committed cursor and reads them again. Reading a page twice is harmless because the store keeps
 one row per (id, version).
+
+Why a feed that does not move forward is an error here too (the client already refuses one): the
+cursor stored with the rows is the only thing that says what has been read, so a page that does
+not take it past where it was would store rows under a cursor that promises nothing new, and a
+feed repeating itself would fill the store for ever. The error names the resource and the cursor.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+from include.tier_sync.lightspeed_errors import LightspeedFeedError
 from include.tier_sync.store import CUSTOMERS, ROW_CONVERTERS, SALES, OrderStore
 
 log = logging.getLogger(__name__)
@@ -151,6 +157,13 @@ def _extract_feed(
             page_max = page.version_max
             if page_max is None:
                 page_max = max((row["version"] for row in rows), default=page_cursor)
+            if int(page_max) <= page_cursor:
+                raise LightspeedFeedError(
+                    f"{resource}: page {n_pages + 1} of {path} does not move the cursor past {page_cursor} "
+                    f"(its version.max is {int(page_max)}); refusing to store a feed that repeats itself",
+                    method="GET",
+                    path=path,
+                )
             buffered.extend(rows)
             buffered_pages += 1
             page_cursor = max(page_cursor, int(page_max))

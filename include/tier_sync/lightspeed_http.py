@@ -1,18 +1,23 @@
 """The HTTP step under the Lightspeed client: send one logical request safely, get parsed JSON back.
 
 It exists apart from `lightspeed.py` (the API calls: pagination, customer groups, customers) so the
-hard part of talking to X-Series can be read in one place: bearer auth on one `requests.Session`,
-explicit timeouts, bounded retries with jittered exponential backoff on 5xx / timeouts / network
-errors, 429 waits until `Retry-After` (HTTP-date or seconds, capped), pacing when
-`X-RateLimit-Remaining` runs low, the optional process-shared `RateBudget`, 401/403 failing fast
-with the connection named, the `ApiStats` counters, and Decimal-exact JSON both ways.
+hard part of talking to X-Series can be read in one place: bearer auth on one `requests.Session`
+(the token checked first; plain http only to a local host), a socket timeout and a wall-clock
+deadline per attempt (a timeout alone lets a trickling server hold a request for ever), bounded
+retries with jittered exponential backoff on 5xx / timeouts / network errors / 2xx bodies that are
+not the endpoint's shape (`expect`), 429 waits until `Retry-After` (HTTP-date or seconds, capped),
+pacing when `X-RateLimit-Remaining` runs low, the optional process-shared `RateBudget`, 401/403
+failing fast with the connection named, the `ApiStats` counters, and Decimal-exact JSON both ways.
+Every requests / urllib3 exception becomes one of our errors, its message method, path and status.
 
 `HttpTransport` is the base of `LightspeedClient`, never used on its own: the client is still one
-object, with one session, one set of counters and one pacer. Stdlib + requests only; no Airflow.
+object, with one session, one set of counters and one pacer. Stdlib + requests (urllib3) only.
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
 import logging
 import random
@@ -23,14 +28,20 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import requests
+import urllib3.exceptions
 
 from include.tier_sync.lightspeed_errors import (
     LightspeedAuthError,
     LightspeedClientError,
+    LightspeedConfigError,
+    LightspeedError,
     LightspeedNotFound,
+    LightspeedProtocolError,
+    LightspeedTimeout,
     LightspeedUnavailable,
 )
 from include.tier_sync.rate_budget import WINDOW_SECONDS, RateBudget, store_limit
@@ -44,12 +55,18 @@ MAX_RETRY_AFTER = 360.0  # one 5-minute window plus slack; a longer Retry-After 
 MAX_BACKOFF = 60.0
 LOW_REMAINING_FRACTION = 0.05  # pace once fewer than 5 % of the window's requests are left
 MAX_PACING_PAUSE = 30.0
+DEFAULT_REQUEST_DEADLINE = 120.0  # wall clock per attempt, headers to the body's last byte
+READ_CHUNK = 64 * 1024
 
+# Sent again after a backoff; any other requests exception cannot be cured by re-sending.
 _RETRYABLE_NETWORK_ERRORS: tuple[type[Exception], ...] = (
-    requests.Timeout,
     requests.ConnectionError,
     requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
 )
+# What reading a streamed body can raise (urllib3 wraps socket and http.client errors).
+_BODY_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
 
 
 # -- counters and pacing state ---------------------------------------------------------------------
@@ -147,15 +164,113 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+# -- what the connection may send, and where -------------------------------------------------------
+
+
+def clean_token(token: str | None, conn_id: str) -> str:
+    """The token without surrounding whitespace; refused when empty or with anything but visible ASCII
+    inside (a pasted line break would otherwise reach a header, and requests' error would echo it).
+    The message names the connection, never the value."""
+    text = (token or "").strip()
+    if not text:
+        raise LightspeedAuthError(
+            f"Lightspeed connection '{conn_id}' has no token: set its password to a personal token",
+            status=401,
+        )
+    if any(not "!" <= ch <= "~" for ch in text):
+        raise LightspeedAuthError(
+            f"The token of Lightspeed connection '{conn_id}' contains whitespace, control or non-ASCII "
+            "characters (a line break or space pasted inside it?): store only the personal token as the "
+            f"password of connection '{conn_id}'",
+            status=None,
+        )
+    return text
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: a server on this machine (the simulator)."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(base_url: str, conn_id: str, *, allow_insecure_http: bool = False) -> str:
+    """The API base URL, refused when the token could leak: plain http to a host that is not local
+    (unless `allow_insecure_http`), credentials, a query or a fragment in it. Messages never echo
+    the URL, only the scheme and host."""
+    url = base_url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        host, has_credentials, parts = "", False, urlsplit("")
+    where = f"Lightspeed connection '{conn_id}'"
+    if parts.scheme not in ("http", "https") or not host:
+        raise LightspeedConfigError(f"{where}: the API base URL must look like https://<host>/api/2.0")
+    if has_credentials or parts.query or parts.fragment:
+        raise LightspeedConfigError(
+            f"{where}: the API base URL must not carry credentials, a query or a fragment; "
+            "put the personal token in the connection's password"
+        )
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(host):
+        raise LightspeedConfigError(
+            f"{where} points at plain http://{host}: the token would travel unencrypted. Use https, or, "
+            "for a local test server only, set the connection extra allow_insecure_http: true "
+            "(plain http to 127.0.0.1, ::1 or localhost is always allowed)"
+        )
+    return url
+
+
+# -- one attempt -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A complete HTTP answer: the status, the headers we read (rate limit, Retry-After), the body."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+
+
+class _AttemptFailed(Exception):
+    """No complete answer (network, timeout, deadline). Holds only safe words: an exception's type
+    name, never its message, which can carry a URL or a header value."""
+
+    def __init__(self, what: str, error: type[LightspeedError], *, retryable: bool = True) -> None:
+        super().__init__(what)
+        self.what = what
+        self.error = error
+        self.retryable = retryable
+
+
+def _read_body(raw: Any, deadline: float, seconds: float, monotonic: Callable[[], float]) -> bytes:
+    """The whole body, read a socket read at a time (`read1`), the deadline checked between reads:
+    a server sending a byte now and then never holds us past deadline + one read timeout."""
+    read = getattr(raw, "read1", None) or raw.read
+    chunks: list[bytes] = []
+    while True:
+        if monotonic() > deadline:
+            raise _AttemptFailed(f"no complete answer within the {seconds:g} s deadline", LightspeedTimeout)
+        chunk = read(READ_CHUNK, decode_content=True)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 # -- the transport ---------------------------------------------------------------------------------
 
 
 class HttpTransport:
     """Sends requests for `LightspeedClient` (its base class; callers use the client, not this).
 
-    Owns the session (bearer token set once, never logged, never in `repr`), the retry and
-    rate-limit settings, `stats`, and the pacer. `sleep`, `clock` (epoch seconds) and `rng` are
-    injectable so tests never really wait.
+    Owns the session (bearer token checked and set once, never logged, never in `repr`), the retry,
+    deadline and rate-limit settings, `stats`, and the pacer. `sleep`, `clock` (epoch seconds) and
+    `rng` are injectable so tests never really wait; the deadline runs on the real monotonic clock.
     """
 
     def __init__(
@@ -173,19 +288,22 @@ class HttpTransport:
         rate_window_seconds: float = WINDOW_SECONDS,
         low_remaining_fraction: float = LOW_REMAINING_FRACTION,
         backoff_base: float = 1.0,
+        request_deadline_seconds: float = DEFAULT_REQUEST_DEADLINE,
+        allow_insecure_http: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        if not token:
-            raise LightspeedAuthError(
-                f"Lightspeed connection '{conn_id}' has no token: set its password to a personal token",
-                status=401,
-            )
-        self.base_url = base_url.rstrip("/")
+        token = clean_token(token, conn_id)
+        self.base_url = check_base_url(base_url, conn_id, allow_insecure_http=allow_insecure_http)
         self.conn_id = conn_id
         self.timeout = float(timeout)
+        self.request_deadline_seconds = float(request_deadline_seconds)
+        if not (self.timeout > 0 and self.request_deadline_seconds > 0):
+            raise LightspeedConfigError(
+                f"Lightspeed connection '{conn_id}': timeout and request_deadline_seconds must be > 0"
+            )
         self.max_retries = max(0, int(max_retries))
         # 429s are the server asking us to wait, not a failure: allow a few more of them.
         self.max_rate_limit_waits = (
@@ -202,6 +320,7 @@ class HttpTransport:
         self.stats = ApiStats()
         self._sleep = sleep
         self._clock = clock
+        self._monotonic = time.monotonic
         self._rng = rng or random.Random()
         self._pacer = _Pacer()
         self._session = session or requests.Session()
@@ -224,8 +343,13 @@ class HttpTransport:
         params: Mapping[str, Any] | None = None,
         json_body: Any = None,
         idempotent: bool = True,
+        expect: Callable[[Any], str | None] | None = None,
     ) -> Any:
-        """Send one logical request with budget, pacing, timeouts and bounded retries; parsed JSON back."""
+        """Send one logical request with budget, pacing, deadline and bounded retries; parsed JSON back.
+
+        `expect(body)` names what is wrong with a 2xx body for this endpoint (None: it is fine); such
+        a body, like one that is not JSON, is a `LightspeedProtocolError`, retried like a 5xx.
+        """
         url = self.base_url + (path if path.startswith("/") else "/" + path)
         data = dumps_exact(json_body).encode("utf-8") if json_body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else None
@@ -237,87 +361,149 @@ class HttpTransport:
                 self.budget.acquire()
             self.stats.requests += 1
             try:
-                resp = self._session.request(
-                    method, url, params=params, data=data, headers=headers, timeout=self.timeout
-                )
-            except _RETRYABLE_NETWORK_ERRORS as exc:
+                answer = self._send_once(method, url, params=params, data=data, headers=headers)
+            except _AttemptFailed as failed:
                 # A non-idempotent write may have been applied before the error: its caller decides.
-                failures = self._retry_transient(method, path, type(exc).__name__, failures, idempotent)
+                if not failed.retryable:
+                    self._fail(failed.error, method, path, failed.what, None)
+                failures = self._retry_transient(
+                    method, path, failed.what, failures, idempotent, error=failed.error
+                )
                 continue
 
-            status = resp.status_code
-            self._observe_rate_headers(resp)
+            status = answer.status
+            self._observe_rate_headers(answer.headers)
             if 200 <= status < 300:
-                try:
-                    return _loads(resp.content)
-                except ValueError:
-                    # A cut-off body: transient, like a 5xx.
-                    failures = self._retry_transient(
-                        method, path, f"{status} with an unreadable body", failures, idempotent, status
-                    )
-                    continue
-
-            if status in (401, 403):
-                log.error("Lightspeed %s %s -> %d", method, path, status)
-                what = "rejected the token" if status == 401 else "refused access (missing scope?)"
-                raise LightspeedAuthError(
-                    f"Lightspeed {what} of connection '{self.conn_id}' ({status}) on {method} {path}: "
-                    f"regenerate the personal token (Setup > Personal Tokens) and store it as the "
-                    f"password of Airflow connection '{self.conn_id}'",
-                    status=status,
+                body, problem = _check_2xx(answer.content, expect)
+                if problem is None:
+                    return body
+                what, error = f"{status} but {problem}", LightspeedProtocolError
+                failures = self._retry_transient(
+                    method, path, what, failures, idempotent, status, error=error
                 )
-            if status == 404:
-                log.info("Lightspeed %s %s -> 404", method, path)
-                raise LightspeedNotFound(
-                    f"Lightspeed {method} {path}: not found (connection '{self.conn_id}')", status=404
-                )
-            if status == 429:
-                self.stats.rate_limited += 1
-                wait = self._retry_after(resp, waits_429)
-                if waits_429 >= self.max_rate_limit_waits:
-                    log.error("Lightspeed %s %s -> 429 (after %d waits)", method, path, waits_429)
-                    raise LightspeedUnavailable(
-                        f"Lightspeed {method} {path}: still rate limited (429) on connection "
-                        f"'{self.conn_id}' after {waits_429} waits",
-                        status=429,
-                    )
-                waits_429 += 1
-                log.warning(
-                    "Lightspeed %s %s -> 429; waiting %.1f s (wait %d/%d)",
-                    method,
-                    path,
-                    wait,
-                    waits_429,
-                    self.max_rate_limit_waits,
-                )
-                if self.budget is not None:
-                    self.budget.block_until(self._clock() + wait)
-                self.stats.retries += 1
-                self._sleep(wait)
                 continue
-            if 400 <= status < 500:
-                log.warning("Lightspeed %s %s -> %d", method, path, status)
-                raise LightspeedClientError(
-                    f"Lightspeed {method} {path} refused with {status} (connection '{self.conn_id}')",
-                    status=status,
-                )
+            if status == 429:
+                waits_429 = self._wait_after_429(method, path, answer, waits_429)
+                continue
+            self._raise_for_refusal(method, path, status)
             # 5xx (and anything unexpected, e.g. a 3xx we did not follow): transient.
             failures = self._retry_transient(method, path, str(status), failures, idempotent, status)
 
+    def _send_once(self, method: str, url: str, **send: Any) -> _Answer:
+        """One HTTP attempt, read to the end within `request_deadline_seconds`, or `_AttemptFailed`.
+
+        The failure is raised outside the `except`, so no requests exception (its message can hold a
+        URL or a header value) is chained to what we raise.
+        """
+        deadline = self._monotonic() + self.request_deadline_seconds
+        failed: _AttemptFailed | None = None
+        try:
+            timeout = min(self.timeout, self.request_deadline_seconds)
+            resp = self._session.request(method, url, **send, timeout=timeout, stream=True)
+        except requests.Timeout as exc:
+            failed = _AttemptFailed(type(exc).__name__, LightspeedTimeout)
+        except _RETRYABLE_NETWORK_ERRORS as exc:
+            failed = _AttemptFailed(type(exc).__name__, LightspeedUnavailable)
+        except (requests.RequestException, ValueError) as exc:  # a request that cannot be built or sent
+            what = f"could not send the request ({type(exc).__name__})"
+            failed = _AttemptFailed(what, LightspeedConfigError, retryable=False)
+        except _BODY_READ_ERRORS as exc:  # not wrapped by requests (rare): a network failure all the same
+            failed = _AttemptFailed(type(exc).__name__, LightspeedUnavailable)
+        if failed is not None:
+            raise failed
+        try:
+            content = _read_body(resp.raw, deadline, self.request_deadline_seconds, self._monotonic)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            failed = _AttemptFailed(type(exc).__name__, LightspeedTimeout)
+        except urllib3.exceptions.DecodeError as exc:
+            failed = _AttemptFailed(f"{type(exc).__name__} (body not decodable)", LightspeedProtocolError)
+        except _BODY_READ_ERRORS as exc:
+            failed = _AttemptFailed(f"{type(exc).__name__} while reading the body", LightspeedUnavailable)
+        finally:
+            resp.close()  # after a complete read the connection is already back in the pool
+        if failed is not None:
+            raise failed
+        return _Answer(resp.status_code, resp.headers, content)
+
+    def _fail(
+        self, error: type[LightspeedError], method: str, path: str, what: str, status: int | None
+    ) -> NoReturn:
+        log.error("Lightspeed %s %s -> %s", method, path, what)
+        message = f"Lightspeed {method} {path} -> {what} on connection '{self.conn_id}'"
+        raise error(message, status, method=method, path=path)
+
+    def _raise_for_refusal(self, method: str, path: str, status: int) -> None:
+        """401/403, 404 and other 4xx (not 429) raise at once: re-sending cannot change the answer."""
+        where = {"method": method, "path": path}
+        if status in (401, 403):
+            log.error("Lightspeed %s %s -> %d", method, path, status)
+            what = "rejected the token" if status == 401 else "refused access (missing scope?)"
+            raise LightspeedAuthError(
+                f"Lightspeed {what} of connection '{self.conn_id}' ({status}) on {method} {path}: "
+                f"regenerate the personal token (Setup > Personal Tokens) and store it as the "
+                f"password of Airflow connection '{self.conn_id}'",
+                status=status,
+                **where,
+            )
+        if status == 404:
+            log.info("Lightspeed %s %s -> 404", method, path)
+            raise LightspeedNotFound(
+                f"Lightspeed {method} {path}: not found (connection '{self.conn_id}')", status=404, **where
+            )
+        if 400 <= status < 500:
+            log.warning("Lightspeed %s %s -> %d", method, path, status)
+            raise LightspeedClientError(
+                f"Lightspeed {method} {path} refused with {status} (connection '{self.conn_id}')",
+                status=status,
+                **where,
+            )
+
+    def _wait_after_429(self, method: str, path: str, answer: _Answer, waits_429: int) -> int:
+        """Wait as long as the 429 asks (shared budget blocked too); raise once the waits are spent."""
+        self.stats.rate_limited += 1
+        wait = self._retry_after(answer, waits_429)
+        if waits_429 >= self.max_rate_limit_waits:
+            log.error("Lightspeed %s %s -> 429 (after %d waits)", method, path, waits_429)
+            raise LightspeedUnavailable(
+                f"Lightspeed {method} {path}: still rate limited (429) on connection "
+                f"'{self.conn_id}' after {waits_429} waits",
+                status=429,
+                method=method,
+                path=path,
+            )
+        waits_429 += 1
+        log.warning(
+            "Lightspeed %s %s -> 429; waiting %.1f s (wait %d/%d)",
+            method,
+            path,
+            wait,
+            waits_429,
+            self.max_rate_limit_waits,
+        )
+        if self.budget is not None:
+            self.budget.block_until(self._clock() + wait)
+        self.stats.retries += 1
+        self._sleep(wait)
+        return waits_429
+
     def _retry_transient(
-        self, method: str, path: str, what: str, failures: int, idempotent: bool, status: int | None = None
+        self,
+        method: str,
+        path: str,
+        what: str,
+        failures: int,
+        idempotent: bool,
+        status: int | None = None,
+        *,
+        error: type[LightspeedError] = LightspeedUnavailable,
     ) -> int:
-        """Back off before re-sending after a transient failure; raise once the retries are spent.
+        """Back off before re-sending after a transient failure; raise `error` once the retries are spent.
 
         Returns the new failure count. A non-idempotent request is never re-sent: it may have been
         applied, and only its caller can tell.
         """
         if failures >= self.max_retries or not idempotent:
-            log.error("Lightspeed %s %s -> %s (after %d retries)", method, path, what, failures)
-            raise LightspeedUnavailable(
-                f"Lightspeed {method} {path} -> {what} on connection '{self.conn_id}' (after {failures} retries)",
-                status=status,
-            ) from None
+            self._fail(error, method, path, f"{what} (after {failures} retries)", status)
         delay = self._backoff(failures)
         failures += 1
         log.warning(
@@ -338,13 +524,13 @@ class HttpTransport:
         ceiling = min(MAX_BACKOFF, self.backoff_base * (2.0**failures))
         return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
-    def _retry_after(self, resp: requests.Response, waits: int) -> float:
+    def _retry_after(self, answer: _Answer, waits: int) -> float:
         """Seconds a 429 asks for: header, else a body `retry-after`, else backoff; capped."""
         now = self._clock()
-        wait = parse_retry_after(resp.headers.get("Retry-After"), now)
+        wait = parse_retry_after(answer.headers.get("Retry-After"), now)
         if wait is None:
             try:
-                body = _loads(resp.content)
+                body = _loads(answer.content)
             except ValueError:
                 body = None
             if isinstance(body, Mapping):
@@ -357,10 +543,10 @@ class HttpTransport:
             wait = self._backoff(waits)
         return min(wait, self.max_retry_after)
 
-    def _observe_rate_headers(self, resp: requests.Response) -> None:
+    def _observe_rate_headers(self, headers: Mapping[str, str]) -> None:
         """Read X-RateLimit-Limit/Remaining; when few are left, set a pause before the next send."""
-        remaining = int_or_none(resp.headers.get("X-RateLimit-Remaining"))
-        limit = int_or_none(resp.headers.get("X-RateLimit-Limit"))
+        remaining = int_or_none(headers.get("X-RateLimit-Remaining"))
+        limit = int_or_none(headers.get("X-RateLimit-Limit"))
         if remaining is None:
             return
         if limit is None or limit <= 0:
@@ -388,3 +574,13 @@ class HttpTransport:
             self._pacer.pauses.append(pause)
             self._sleep(pause)
             self._pacer.not_before = 0.0
+
+
+def _check_2xx(content: bytes, expect: Callable[[Any], str | None] | None) -> tuple[Any, str | None]:
+    """(parsed body, None), or (None, what is wrong with it): not JSON, or not the endpoint's shape."""
+    try:
+        body = _loads(content)
+    except ValueError:  # a cut-off body or an HTML page from the edge
+        return None, f"the body is not JSON ({len(content)} bytes)"
+    problem = expect(body) if expect is not None else None
+    return (None, problem) if problem else (body, None)

@@ -151,3 +151,63 @@ def test_admin_endpoints_control_faults_and_dump_state(sim: SimServer, http: req
     ]
     requests.post(f"{sim.url}/_sim/token", json={"expire": True}, timeout=5)
     assert http.get(f"{sim.base_url}/sales", timeout=5).status_code == 401
+
+
+def test_skip_lets_the_first_matching_requests_through(sim: SimServer, http: requests.Session) -> None:
+    # A gateway that, after two good pages, answers 200 with an error object instead of a page.
+    gateway = {"error": "Service Unavailable"}
+    fault = sim.faults.add("status", path=r"^/sales$", status=200, body=gateway, skip=2, times=1)
+    answers = [body(http.get(f"{sim.base_url}/sales", timeout=5)) for _ in range(4)]
+    assert ["data" in a for a in answers] == [True, True, False, True]
+    assert answers[2] == gateway
+    assert http.get(f"{sim.base_url}/customers", timeout=5).status_code == 200  # not matching: not counted
+    assert (fault.skipped, fault.fired) == (2, 1)
+
+
+def test_trickle_fault_sends_the_whole_body_slowly(sim: SimServer, http: requests.Session) -> None:
+    whole = http.get(f"{sim.base_url}/customer_groups", timeout=5).content
+    sim.faults.add("trickle", path=r"^/customer_groups$", seconds=0.02, chunk_bytes=64, times=1)
+    started = time.monotonic()
+    slow = http.get(f"{sim.base_url}/customer_groups", timeout=5)
+    chunks = -(-len(whole) // 64)
+    assert slow.status_code == 200 and slow.content == whole  # complete and identical, only slow
+    assert time.monotonic() - started >= chunks * 0.02 * 0.9
+    assert sim.requests[-1] == ("GET", "/api/2.0/customer_groups", 200)
+
+
+def test_trickle_fault_gives_up_when_the_client_hangs_up(sim: SimServer) -> None:
+    sim.faults.add("trickle", path=r"^/customer_groups$", seconds=0.05, chunk_bytes=1)
+    with requests.get(f"{sim.base_url}/customer_groups", headers=AUTH, timeout=5, stream=True) as resp:
+        assert resp.status_code == 200
+        assert resp.raw.read(3) == b'{"d'
+    sim.faults.clear()
+    assert requests.get(f"{sim.base_url}/customer_groups", headers=AUTH, timeout=5).status_code == 200
+
+
+def test_creep_fault_repeats_the_first_page_with_the_cursor_one_further(store: SimStore) -> None:
+    with running_simulator(store=store, page_cap=5) as sim, requests.Session() as http:
+        http.headers.update(AUTH)
+        url = f"{sim.base_url}/sales"
+        sim.faults.add("creep", method="GET", path=r"^/sales$")
+        first = body(http.get(url, params={"after": 0}, timeout=5))
+        cursor = first["version"]["max"]
+        second = body(http.get(url, params={"after": cursor}, timeout=5))
+        third = body(http.get(url, params={"after": second["version"]["max"]}, timeout=5))
+        assert len(first["data"]) == 5
+        assert second["data"] == first["data"] == third["data"]
+        assert second["version"] == {"min": first["version"]["min"], "max": cursor + 1}
+        assert third["version"]["max"] == cursor + 2
+        sim.faults.clear()
+        honest = body(http.get(url, params={"after": cursor}, timeout=5))
+        assert min(int(s["version"]) for s in honest["data"]) > cursor
+
+
+def test_admin_endpoint_accepts_the_new_fault_fields(sim: SimServer) -> None:
+    spec = {"kind": "trickle", "path": "/sales", "seconds": 0.5, "chunk_bytes": 4, "skip": 1}
+    resp = requests.post(f"{sim.url}/_sim/faults", json=spec, timeout=5)
+    assert resp.status_code == 201
+    data = resp.json()["data"]
+    assert (data["kind"], data["chunk_bytes"], data["skip"], data["skipped"]) == ("trickle", 4, 1, 0)
+    assert requests.post(f"{sim.url}/_sim/faults", json={"kind": "creep"}, timeout=5).status_code == 201
+    bad = requests.post(f"{sim.url}/_sim/faults", json={"kind": "trickle", "chunk_bytes": 0}, timeout=5)
+    assert bad.status_code == 400

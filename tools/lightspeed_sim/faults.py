@@ -1,7 +1,9 @@
 """Injectable faults and the fixed-window rate limiter.
 
 Faults let tests reproduce what the real API and its edge do under stress (5xx, resets, slow
-answers, a write that lands but is answered 500) without mocking the client.
+answers, a write that lands but is answered 500, a 200 that is not the envelope, a body trickled
+out byte by byte, a feed whose cursor creeps while the same records come back) without mocking
+the client.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("status", "reset", "latency", "apply_then_500")
+KINDS = ("status", "reset", "latency", "apply_then_500", "trickle", "creep")
 
 
 @dataclass
@@ -29,9 +31,14 @@ class Fault:
     probability: float | None = None  # fire on a matching request with this probability
     status: int = 500  # kind "status"
     body: Any = None  # kind "status": str (sent as text/html) or JSON-able object; None = HTML page
-    seconds: float = 0.0  # kind "latency"
+    seconds: float = 0.0  # kind "latency": the delay; kind "trickle": the pause between chunks
+    chunk_bytes: int = 16  # kind "trickle": bytes sent per chunk
+    skip: int = 0  # let the first `skip` matching requests through untouched, then fire
     fired: int = 0
+    skipped: int = 0
     id: int = 0
+    # kind "creep": the page the rule first served; repeated (cursor + 1) on every later fire
+    pinned: list[Any] | None = field(default=None, repr=False, compare=False)
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +48,8 @@ class Fault:
             raise ValueError("probability must be within [0, 1]")
         if self.times is not None and self.times < 0:
             raise ValueError("times must be >= 0")
+        if self.seconds < 0 or self.chunk_bytes < 1 or self.skip < 0:
+            raise ValueError("seconds and skip must be >= 0, chunk_bytes >= 1")
         self._regex = re.compile(self.path)
 
     @property
@@ -66,7 +75,10 @@ class Fault:
             "status": self.status,
             "body": self.body,
             "seconds": self.seconds,
+            "chunk_bytes": self.chunk_bytes,
+            "skip": self.skip,
             "fired": self.fired,
+            "skipped": self.skipped,
         }
 
 
@@ -90,6 +102,8 @@ class FaultRegistry:
         status: int = 500,
         body: Any = None,
         seconds: float = 0.0,
+        chunk_bytes: int = 16,
+        skip: int = 0,
     ) -> Fault:
         """Register a fault; see README "Fault injection" for examples."""
         fault = Fault(
@@ -101,6 +115,8 @@ class FaultRegistry:
             status=status,
             body=body,
             seconds=seconds,
+            chunk_bytes=chunk_bytes,
+            skip=skip,
         )
         with self._lock:
             fault.id = self._next_id
@@ -132,10 +148,16 @@ class FaultRegistry:
             return list(self._faults)
 
     def match(self, method: str, sub_path: str, full_path: str) -> Fault | None:
-        """The fault that fires for this request, if any (its `fired` count is bumped)."""
+        """The fault that fires for this request, if any (its `fired` count is bumped).
+
+        A rule still inside its `skip` lets the request through (to later rules) and counts it.
+        """
         with self._lock:
             for fault in self._faults:
                 if fault.exhausted or not fault.matches(method, sub_path, full_path):
+                    continue
+                if fault.skipped < fault.skip:
+                    fault.skipped += 1
                     continue
                 if fault.probability is not None and self._rng.random() >= fault.probability:
                     continue

@@ -137,6 +137,7 @@ class SimServer:
         self.requests: list[RequestRecord] = []
         self._index: dict[str, tuple[tuple[int, int, int], list[int], list[dict[str, Any]]]] = {}
         self._requests_lock = threading.Lock()
+        self.stopping = threading.Event()  # ends trickled answers when the server stops
         self._httpd = _HTTPServer((host, port), _Handler, self)
         self._thread: threading.Thread | None = None
 
@@ -172,6 +173,7 @@ class SimServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
+        self.stopping.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join(timeout=5)
@@ -418,6 +420,7 @@ class SimServer:
     def _admin_add_fault(self, body: bytes) -> Response:
         spec = _json_object(body)
         allowed = {"kind", "method", "path", "times", "probability", "status", "body", "seconds"}
+        allowed |= {"chunk_bytes", "skip"}
         extra = set(spec) - allowed
         if extra:
             raise _BadRequest(f"unknown fault fields: {sorted(extra)}")
@@ -532,7 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
-    def _send(self, resp: Response, extra_headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, resp: Response, extra_headers: dict[str, str] | None = None, trickle: Fault | None = None
+    ) -> None:
         headers = dict(extra_headers or {})
         headers.update(resp.headers or {})
         self.send_response(resp.status)
@@ -555,10 +560,29 @@ class _Handler(BaseHTTPRequestHandler):
         if "Content-Type" not in headers:
             self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if trickle is not None:
+            self.end_headers()
+            self._trickle(payload, trickle)
+            return
         # Headers and body in one write (one TCP segment for small answers).
         self._headers_buffer.append(b"\r\n")
         self._headers_buffer.append(payload)
         self.flush_headers()
+
+    def _trickle(self, payload: bytes, fault: Fault) -> None:
+        """Send the body `chunk_bytes` at a time, `seconds` apart (a slow edge); stop when the client
+        hangs up or the server stops, leaving the body incomplete."""
+        stopping = self.server.sim.stopping
+        for start in range(0, len(payload), fault.chunk_bytes):
+            if stopping.wait(max(0.0, fault.seconds)):
+                self.close_connection = True
+                return
+            try:
+                self.wfile.write(payload[start : start + fault.chunk_bytes])
+                self.wfile.flush()
+            except OSError:  # the client gave up (its deadline): nothing more to send
+                self.close_connection = True
+                return
 
     def _reset(self) -> None:
         """Abort the connection with a TCP RST and no response at all."""
@@ -624,12 +648,29 @@ class _Handler(BaseHTTPRequestHandler):
                 resp = _error(500, "simulator error")
             if fault is not None and fault.kind == "apply_then_500":
                 resp = _error(500, "Internal Server Error")
+            if fault is not None and fault.kind == "creep":
+                resp = _creep(fault, resp, query)
             # Encode under the lock so a concurrent write cannot change a record mid-serialisation.
             if resp.body is not None and not isinstance(resp.body, str | bytes):
                 resp = Response(resp.status, dumps(resp.body).encode("utf-8"), resp.headers)
                 headers["Content-Type"] = "application/json"
         sim.record(method, path, resp.status)
-        self._send(resp, headers)
+        self._send(resp, headers, trickle=fault if fault is not None and fault.kind == "trickle" else None)
+
+
+def _creep(fault: Fault, resp: Response, query: dict[str, list[str]]) -> Response:
+    """A feed whose cursor creeps: the first non-empty page this rule sees is served and pinned;
+    every later fire answers the same records with `version.max` = the request's `after` + 1."""
+    body = resp.body
+    if resp.status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return resp
+    if fault.pinned is None:
+        if body["data"]:
+            fault.pinned = list(body["data"])
+        return resp
+    after = _int_param(query, "after", 0) or 0
+    version_min = min(int(r["version"]) for r in fault.pinned)
+    return Response(200, {"data": fault.pinned, "version": {"min": version_min, "max": after + 1}})
 
 
 def _fault_response(fault: Fault) -> Response:
