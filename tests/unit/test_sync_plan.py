@@ -17,6 +17,7 @@ import pytest
 from include.tier_sync import sync
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.rules import TIERS, TierRules
+from include.tier_sync.sync.groups import GroupListingError
 
 pytestmark = pytest.mark.unit
 
@@ -360,6 +361,49 @@ def test_resolve_groups_creates_only_when_allowed_and_finds_default_by_code() ->
     assert sync.is_placeholder(dry.tier_groups["Bloom"])
     real = sync.resolve_groups(fake, rules, create_missing=True)  # type: ignore[arg-type]
     assert len(fake.created) == 4 and not real.missing and set(real.created) == set(dry.missing)
+
+
+class FlakyGroups(FakeGroups):
+    """A listing that answers each read from a script (a gateway's odd page, a cut list)."""
+
+    def __init__(self, groups: list[dict[str, Any]], reads: list[list[str] | None]) -> None:
+        super().__init__(groups)
+        self.reads = reads  # per read: the ids it shows (None: all)
+
+    def list_customer_groups(self) -> list[dict[str, Any]]:
+        shown = self.reads.pop(0) if self.reads else None
+        return [g for g in self.groups if shown is None or g["id"] in shown]
+
+
+def test_resolve_groups_creates_nothing_on_a_listing_it_cannot_trust() -> None:
+    rules = TierRules()
+    base: list[dict[str, Any]] = [
+        {"id": "d", "name": "All Customers", "group_id": "1111111111"},
+        *({"id": f"t{i}", "name": rules.group_for(t)} for i, t in enumerate(TIERS) if t != "Seed"),
+    ]
+    # The first read is empty: every tier looks missing, but the second read disagrees.
+    flaky = FlakyGroups(list(base), [[]])
+    with pytest.raises(GroupListingError, match=r"'All Customers' \(d\) only in the second read"):
+        sync.resolve_groups(flaky, rules, create_missing=True)  # type: ignore[arg-type]
+    assert flaky.created == []
+    # No default group in either read: the listing looks cut; nothing is created.
+    no_default = FlakyGroups(list(base), [[g["id"] for g in base[1:]]] * 2)
+    with pytest.raises(GroupListingError, match="does not contain the store's default group"):
+        sync.resolve_groups(no_default, rules, create_missing=True)  # type: ignore[arg-type]
+    assert no_default.created == []
+    # The listing the plan was made from is the first read: one fresh read must agree with it.
+    planned = sync.resolve_groups(FakeGroups(list(base)), rules, create_missing=False)  # type: ignore[arg-type]
+    assert planned.missing == ("Seed",) and planned.listing is not None
+    moved_on = FakeGroups([*base, {"id": "x", "name": "Wholesale"}])
+    with pytest.raises(GroupListingError, match=r"'Wholesale' \(x\) only in the second read"):
+        sync.resolve_groups(moved_on, rules, create_missing=True, planned=planned)  # type: ignore[arg-type]
+    assert moved_on.created == []
+    agreed = FakeGroups(list(base))
+    real = sync.resolve_groups(agreed, rules, create_missing=True, planned=planned)  # type: ignore[arg-type]
+    assert agreed.created == [rules.group_for("Seed")] and real.created == ("Seed",)
+    # A dry run still tolerates a store without a default group (API reference §5.3).
+    dry = sync.resolve_groups(FlakyGroups(list(base[1:]), []), rules, create_missing=False)  # type: ignore[arg-type]
+    assert dry.default_group_id is None and dry.missing == ("Seed",)
 
 
 def test_log_without_a_plan_says_why(tmp_path: Path) -> None:

@@ -141,6 +141,25 @@ class SimStore:
             self.groups[gid] = group
             return group
 
+    def delete_group(self, group_id: str) -> dict[str, Any]:
+        """A person deletes a group in the POS: soft-deleted, its live members moved to the default group.
+
+        That is what the UI does (API reference §5.3). The default group itself cannot be deleted.
+        """
+        with self.lock:
+            group = self.live_group(group_id)
+            if group is None:
+                raise StoreError(f"unknown or deleted customer group {group_id}", 404)
+            default = self.default_group_id()
+            if default is None or default == group_id:
+                raise StoreError("the default customer group cannot be deleted (nor a group without one)")
+            for customer in self.customers.values():
+                if customer.get("customer_group_id") == group_id and customer.get("deleted_at") is None:
+                    self.set_customer_group(customer, default)
+            group["deleted_at"] = fmt_ts(self.now())
+            self.stamp(group)
+            return group
+
     # -- customers ---------------------------------------------------------------------------
 
     def live_customer(self, customer_id: str) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from include.tier_sync.lightspeed_errors import LightspeedUnavailable
 from include.tier_sync.rules import TIERS
 
 if TYPE_CHECKING:
@@ -19,6 +20,17 @@ if TYPE_CHECKING:
     from include.tier_sync.sync.contracts import GroupMapDoc
 
 log = logging.getLogger(__name__)
+
+
+class GroupListingError(LightspeedUnavailable):
+    """The POS's group listing cannot be trusted right now; nothing was created.
+
+    Raised before any write (the listing looks incomplete, or two reads disagree), so creating
+    the tier groups never rests on an empty or odd page. Transient like any unusable answer
+    (hence `LightspeedUnavailable`): Airflow retries the task, and a consistent listing lets the
+    run go on.
+    """
+
 
 PLACEHOLDER_PREFIX = "missing:"  # dry-run stand-in id for a tier group that does not exist yet
 NO_GROUP_LABEL = "(no group)"
@@ -39,6 +51,9 @@ class GroupMap:
     aliases: dict[str, str] = field(default_factory=dict)  # extra group id -> tier
     created: tuple[str, ...] = ()  # tiers whose group this run created
     missing: tuple[str, ...] = ()  # tiers whose group is absent (dry run: placeholder ids)
+    # id -> name of every live group in the listing this map was read from (None: not known,
+    # e.g. rebuilt from plan.json); a later creation step compares it with a fresh listing.
+    listing: dict[str, str] | None = field(default=None, compare=False)
 
     def tier_of_group(self, group_id: str | None) -> str | None:
         """The tier a group stands for, or None for the default group / any other group."""
@@ -117,20 +132,54 @@ def _default_group_id(
     return default_ids[0] if default_ids else None
 
 
-def resolve_groups(client: LightspeedClient, rules: TierRules, *, create_missing: bool) -> GroupMap:
-    """Find the five tier groups and the default group by name (ids differ per store).
+def _listing(groups: list[dict[str, Any]]) -> dict[str, str]:
+    return {str(g["id"]): str(g.get("name") or "") for g in groups}
 
-    A missing tier group is created when ``create_missing`` (a real, writing run); otherwise (dry
-    run, superseded run) it is reported in ``missing`` and stands in as ``missing:<tier>`` so its
-    moves can still be planned and shown. The default group is the live group named
-    ``rules.default_group_name``, failing that the one with ``group_id == rules.default_group_code``
-    (API Decision 5); when neither exists only customers with no group at all count as "default".
-    """
-    groups, by_name = _live_groups_by_name(client)
-    names = {str(g["id"]): str(g.get("name") or "") for g in groups}
-    tier_groups: dict[str, str] = {}
-    aliases: dict[str, str] = {}
-    created: list[str] = []
+
+def _differences(first: Mapping[str, str], second: Mapping[str, str]) -> list[str]:
+    """Groups present in one read and not the other (or renamed between them), readable."""
+    out: list[str] = []
+    for gid in sorted(first.keys() | second.keys()):
+        a, b = first.get(gid), second.get(gid)
+        if a == b:
+            continue
+        if b is None:
+            out.append(f"{a!r} ({gid}) only in the first read")
+        elif a is None:
+            out.append(f"{b!r} ({gid}) only in the second read")
+        else:
+            out.append(f"{gid} named {a!r}, then {b!r}")
+    return out
+
+
+def _check_before_creating(
+    first: Mapping[str, str],
+    second: Mapping[str, str],
+    default_id: str | None,
+    rules: TierRules,
+    missing: list[str],
+) -> None:
+    """Refuse to create any group unless two reads agree and the default group is listed."""
+    diff = _differences(first, second)
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise GroupListingError(
+            f"the customer group listing differs between two reads ({'; '.join(diff[:3])}{more}): "
+            f"the POS listing is not trustworthy right now; nothing was created (tier groups that "
+            f"looked missing: {', '.join(missing)}); retry later"
+        )
+    if default_id is None:
+        raise GroupListingError(
+            f"the group listing does not contain the store's default group ({rules.default_group_name!r} / "
+            f"code {rules.default_group_code}): the listing looks incomplete; nothing was created "
+            f"(tier groups that looked missing: {', '.join(missing)}). Retry later; if the store really "
+            "has no default group, check default_group_name / default_group_code in tier_sync_rules"
+        )
+
+
+def _tier_ids(by_name: Mapping[str, list[str]], rules: TierRules) -> tuple[dict[str, list[str]], list[str]]:
+    """Tier -> live group ids carrying its group name (oldest first), and the tiers with none."""
+    found: dict[str, list[str]] = {}
     missing: list[str] = []
     for tier in TIERS:
         name = rules.group_for(tier)
@@ -138,9 +187,53 @@ def resolve_groups(client: LightspeedClient, rules: TierRules, *, create_missing
             continue
         ids = by_name.get(name, [])
         if ids:
+            found[tier] = ids
+        else:
+            missing.append(tier)
+    return found, missing
+
+
+def resolve_groups(
+    client: LightspeedClient, rules: TierRules, *, create_missing: bool, planned: GroupMap | None = None
+) -> GroupMap:
+    """Find the five tier groups and the default group by name (ids differ per store).
+
+    A missing tier group is created when ``create_missing`` (a real, writing run); otherwise (dry
+    run, superseded run) it is reported in ``missing`` and stands in as ``missing:<tier>`` so its
+    moves can still be planned and shown. The default group is the live group named
+    ``rules.default_group_name``, failing that the one with ``group_id == rules.default_group_code``
+    (API Decision 5); when neither exists only customers with no group at all count as "default".
+
+    Creating is never done on one read: an empty or odd listing page would otherwise make every
+    tier group look missing and be created again (duplicates in the POS). Before creating, a
+    second listing is compared with the first: ``planned``'s (the map the plan was made from),
+    else a fresh re-list. Any group in one read and not the other, or a listing without the
+    default group (the store always has one, so the listing looks cut), raises
+    `GroupListingError` and nothing is created; only tiers missing from both reads are created.
+    """
+    groups, by_name = _live_groups_by_name(client)
+    listing = _listing(groups)
+    default_id = _default_group_id(groups, by_name, rules)
+    found, missing = _tier_ids(by_name, rules)
+    if create_missing and missing:
+        if planned is not None and planned.listing is not None:
+            first = planned.listing
+        else:  # this read is the first; re-list for the second
+            first, listing = listing, _listing(_live_groups_by_name(client)[0])
+        _check_before_creating(first, listing, default_id, rules, missing)
+
+    names = dict(listing)
+    tier_groups: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    created: list[str] = []
+    for tier in TIERS:
+        name = rules.group_for(tier)
+        ids = found.get(tier)
+        if name is None:  # pragma: no cover - every tier in TIERS has a group
+            continue
+        if ids:
             tier_groups[tier] = ids[0]
-            for extra in ids[1:]:
-                aliases[extra] = tier
+            aliases.update((extra, tier) for extra in ids[1:])
             if len(ids) > 1:
                 log.warning("Tier %s: %s live groups named %r; using the oldest", tier, len(ids), name)
         elif create_missing:
@@ -152,10 +245,8 @@ def resolve_groups(client: LightspeedClient, rules: TierRules, *, create_missing
         else:
             tier_groups[tier] = f"{PLACEHOLDER_PREFIX}{tier}"
             names[tier_groups[tier]] = name
-            missing.append(tier)
             log.info("Customer group %r for tier %s is missing (not created: no writes)", name, tier)
 
-    default_id = _default_group_id(groups, by_name, rules)
     if default_id is not None and default_id in tier_groups.values():
         raise ValueError("the default customer group cannot also be a tier group; check tier_sync_rules")
     if default_id is None:
@@ -170,5 +261,6 @@ def resolve_groups(client: LightspeedClient, rules: TierRules, *, create_missing
         names=names,
         aliases=aliases,
         created=tuple(created),
-        missing=tuple(missing),
+        missing=() if create_missing else tuple(missing),
+        listing=listing,
     )

@@ -74,7 +74,8 @@ def prepare_sync(
     Returns [] (so the mapped write task is skipped) when writes are not allowed; the batch files
     are still written, as the record of what would have been sent. When the breaker trips on a
     writing run, plan.json is written with ``dispatched: false`` first (so the log can report the
-    plan), then MassChangeError is raised.
+    plan), then MassChangeError is raised. A group listing that cannot be trusted (two reads
+    disagree, or no default group) raises GroupListingError before any write and any file.
     """
     started_at = datetime.now(UTC)
     stats_before = api_stats(client)
@@ -93,8 +94,10 @@ def prepare_sync(
         if status["tripped"]:
             check_circuit(plan, rules, allow_mass_change)  # allowed: logs the warning
         if groups.missing:
-            # Create the missing groups, then aim the same plan at them (no second plan).
-            groups = resolve_groups(client, rules, create_missing=True)
+            # Create the missing groups, then aim the same plan at them (no second plan). The
+            # creation re-lists and compares with the listing the plan was made from: a first
+            # read that was empty or cut raises GroupListingError, before any write.
+            groups = resolve_groups(client, rules, create_missing=True, planned=groups)
             plan = plan.retargeted(groups)
     summary: PlanSummary = {
         **plan.summary(),

@@ -19,6 +19,7 @@ from include.tier_sync.sync.contracts import (
 )
 from include.tier_sync.sync.groups import is_placeholder
 from include.tier_sync.sync.plan import MASTER_ID, MASTER_TIER
+from include.tier_sync.sync.write import GroupDeletedError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,10 +39,18 @@ def _expected_from_master(master: pd.DataFrame) -> dict[str, list[str]]:
     }
 
 
-def _live_members(client: LightspeedClient, group_id: str | None) -> set[str]:
+def _live_members(client: LightspeedClient, groups: GroupMap, tier: str) -> set[str]:
+    """The group's live members; a tier group gone from the POS (404) is a clear error, not a count."""
+    from include.tier_sync.lightspeed import LightspeedNotFound
+
+    group_id = groups.tier_groups.get(tier)
     if group_id is None or is_placeholder(group_id):
         return set()
-    return {str(c.get("id")) for c in client.list_group_members(group_id) if is_null(c.get("deleted_at"))}
+    try:
+        members = client.list_group_members(group_id)
+    except LightspeedNotFound as exc:
+        raise GroupDeletedError(groups.names.get(group_id) or f"of tier {tier}", group_id) from exc
+    return {str(c.get("id")) for c in members if is_null(c.get("deleted_at"))}
 
 
 def _tier_count(
@@ -80,6 +89,7 @@ def verify_group_counts(
     counted as ``other_members`` and do not make a mismatch. Per tier: expected, actual (members
     that are expected-to-be-somewhere managed customers), missing, unexpected; the flag
     ``group_counts_match`` is true when every tier group holds exactly its expected customers.
+    A tier group deleted in the POS since the plan raises `GroupDeletedError` (re-plan).
     """
     stats_before = api_stats(client)
     if expected_members is None:
@@ -89,8 +99,8 @@ def verify_group_counts(
     managed_anywhere: set[str] = set().union(*expected.values())
     out: dict[str, TierGroupCount] = {}
     for tier in TIERS:
-        group_id = groups.tier_groups.get(tier)
-        out[tier] = _tier_count(group_id, _live_members(client, group_id), expected[tier], managed_anywhere)
+        members = _live_members(client, groups, tier)
+        out[tier] = _tier_count(groups.tier_groups.get(tier), members, expected[tier], managed_anywhere)
     match = all(v["match"] for v in out.values())
     if not match:
         log.warning(

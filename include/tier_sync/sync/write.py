@@ -5,7 +5,12 @@ This is the only code that changes the store's till, and it runs in each of up t
 pandas, numpy or pyarrow, not even lazily (tests/unit/test_sync_write_imports.py proves it).
 
 * **Current group is re-checked right before writing** against the customers version feed since
-  the plan's cursor: anyone a person moved meanwhile is left alone (``changed_in_pos``).
+  the plan's cursor: anyone a person moved meanwhile is left alone (``changed_in_pos``). An
+  answer that cannot be the whole truth (see `recheck_customers`) fails the batch before any
+  write instead of letting every customer look unchanged.
+* **A deleted target group fails the batch at once** (`GroupDeletedError`, no retries): a refused
+  membership call is checked against the group with one GET, never turned into one failing GET +
+  PUT per customer.
 * **Idempotent writes**: adding a customer to a group is naturally idempotent; before each call the
   batch records the ids it is about to send (``.progress.json``), so a retried batch recognises its
   own earlier, possibly unacknowledged, writes in the feed and reports them as ``updated`` without
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio
+from include.tier_sync.lightspeed_errors import LightspeedError, LightspeedUnavailable
 from include.tier_sync.sync.batches import CALL_SIZE, chunks, progress_path, read_batch, ref_path, result_path
 from include.tier_sync.sync.contracts import (
     FORMAT_VERSION,
@@ -40,6 +46,28 @@ if TYPE_CHECKING:
     from include.tier_sync.lightspeed import LightspeedClient
 
 log = logging.getLogger(__name__)
+
+
+class RecheckUnreliable(LightspeedUnavailable):
+    """The re-check's answer cannot be complete (an empty or cut page): nothing of the batch was written.
+
+    Transient (a gateway's odd page), so Airflow retries the batch; written blindly instead, a
+    customer a person moved meanwhile would be moved back.
+    """
+
+
+class GroupDeletedError(LightspeedError):
+    """The batch's target group was deleted in the POS after the plan: a retry cannot help, a re-plan can.
+
+    `tasks._fail_if_permanent` fails the task at once (AirflowFailException, no retries).
+    """
+
+    def __init__(self, group_name: str, group_id: str) -> None:
+        super().__init__(
+            f"group {group_name} ({group_id}) was deleted in the POS; re-plan (re-run the DAG)", 404
+        )
+        self.group_id = group_id
+        self.group_name = group_name
 
 
 def new_result(ref: str, batch: Mapping[str, Any]) -> BatchResult:
@@ -73,18 +101,39 @@ def recheck_customers(
     """Newest state of ``ids`` among customers changed since the plan's cursor (deleted included).
 
     One pass over the version feed: cheap (only what changed since the extraction), complete
-    (unlike search), and it sees our own earlier writes as well as a person's.
+    (unlike search), and it sees our own earlier writes as well as a person's. A customer of the
+    batch absent from it has not changed since the plan, *if* the answer is whole; an empty or
+    cut page would make everyone look unchanged. So the pass starts one version below the cursor:
+    the customer whose version was the cursor is then always in a truthful answer (at that
+    version, or later if changed since; deleted ones too), and an answer without any record at
+    or past the cursor raises `RecheckUnreliable` before anything is written (Airflow retries the
+    batch; the alternative, one GET per customer, costs ~500 requests a batch). From cursor 0
+    (nothing extracted) the whole feed is read, so every customer of the batch must be in it.
     """
     wanted = set(ids)
+    cursor = int(customers_cursor)
     seen: dict[str, dict[str, Any]] = {}
-    for page in client.iter_pages("/customers", after=int(customers_cursor), params={"deleted": "true"}):
+    anchored = False
+    for page in client.iter_pages("/customers", after=max(cursor - 1, 0), params={"deleted": "true"}):
         for record in page.data:
+            version = int(record.get("version") or 0)
+            anchored = anchored or version >= cursor
             cid = str(record.get("id"))
             if cid not in wanted:
                 continue
-            version = int(record.get("version") or 0)
             if cid not in seen or version >= int(seen[cid].get("version") or 0):
                 seen[cid] = record
+    absent = len(wanted - seen.keys())
+    why = None
+    if cursor > 0 and not anchored:
+        why = f"no record at or past the plan's cursor {cursor}, which a whole answer always holds"
+    elif cursor <= 0 and absent:
+        why = f"{absent} of the batch's {len(wanted)} customers absent from the whole feed"
+    if why is not None:
+        raise RecheckUnreliable(
+            f"the pre-write re-check of the customers feed looks empty or cut ({why}): customers moved "
+            "in the POS meanwhile cannot be told apart, so nothing of this batch was written; retry later"
+        )
     return seen
 
 
@@ -102,8 +151,12 @@ def sync_batch(
     * in any other group -> ``changed_in_pos``, left alone;
     * deleted meanwhile -> ``skipped``.
 
+    A re-check answer that cannot be whole raises `RecheckUnreliable` before any write (retried).
     A membership call refused with a 4xx other than 429 falls back to GET + PUT per customer of
     that call: a 404 or a refused PUT becomes an ``error_details`` entry and the others go on.
+    But first, on a 404 of the call (or the first refused PUT), one GET of the target group: when
+    it was deleted in the POS the batch raises `GroupDeletedError` at once (no per-customer
+    requests; the task fails without retries: only a new plan can help).
     5xx, resets and 429 are the client's to retry; when it gives up (or auth fails) this raises,
     after writing a ``failed`` result file, so Airflow retries the batch, idempotently.
     With ``writes_allowed=False`` nothing is sent at all (zero requests): every move is ``skipped``.
@@ -153,8 +206,10 @@ class _Tally:
     """What one batch did so far; folded into its BatchResult at the end."""
 
     group_id: str
+    group_name: str
     tier: str
     result: BatchResult
+    group_checked: bool = False  # the target group was looked up after a refused write
     applied: Counter[str] = field(default_factory=Counter)
     skip_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -221,7 +276,12 @@ def _write_batch(
 ) -> None:
     from include.tier_sync.lightspeed import LightspeedClientError, LightspeedNotFound
 
-    tally = _Tally(group_id=str(batch["group_id"]), tier=str(batch["tier"]), result=result)
+    tally = _Tally(
+        group_id=str(batch["group_id"]),
+        group_name=str(batch.get("group_name") or batch["tier"]),
+        tier=str(batch["tier"]),
+        result=result,
+    )
     plan_id = batch.get("plan_id")
     progress_file = progress_path(ref)
     attempted = _attempted_before(progress_file, plan_id)
@@ -236,6 +296,8 @@ def _write_batch(
             client.add_customers_to_group(tally.group_id, ids)
         except (LightspeedClientError, LightspeedNotFound) as exc:
             status = getattr(exc, "status", 404)
+            if isinstance(exc, LightspeedNotFound):
+                _raise_if_group_gone(client, tally)  # a 404 is most likely the group itself
             log.warning(
                 "Membership call for %s customers refused (HTTP %s); falling back to one PUT each",
                 len(ids),
@@ -252,7 +314,8 @@ def _fallback_per_customer(client: LightspeedClient, call: Sequence[BatchMove], 
     """Decision 4: GET the customer, change customer_group_id, PUT the whole object back.
 
     The GET doubles as a last re-check: a customer who is no longer in the planned from-group
-    (and not already in the target) is left alone.
+    (and not already in the target) is left alone. The first refusal of the batch looks the
+    target group up once: gone, the batch fails at once instead of refusing customer after customer.
     """
     from include.tier_sync.lightspeed import LightspeedClientError, LightspeedNotFound
 
@@ -264,8 +327,30 @@ def _fallback_per_customer(client: LightspeedClient, call: Sequence[BatchMove], 
         except LightspeedNotFound:
             errors.append({"customer_id": cid, "error": "not found (HTTP 404)"})
         except LightspeedClientError as exc:
+            _raise_if_group_gone(client, tally)
             status = getattr(exc, "status", None)
             errors.append({"customer_id": cid, "error": f"refused (HTTP {status})"})
+
+
+def _raise_if_group_gone(client: LightspeedClient, tally: _Tally) -> None:
+    """After a refused write, one GET of the target group (once a batch): unknown (404) or
+    soft-deleted raises `GroupDeletedError`; a live group lets the caller go on."""
+    from include.tier_sync.lightspeed import LightspeedNotFound
+
+    if tally.group_checked:
+        return
+    tally.group_checked = True
+    try:
+        group = client.get_customer_group(tally.group_id)  # envelope-checked like every call
+    except LightspeedNotFound as exc:
+        raise GroupDeletedError(tally.group_name, tally.group_id) from exc
+    if not is_null(group.get("deleted_at")):
+        raise GroupDeletedError(tally.group_name, tally.group_id)
+    log.info(
+        "Target group %s (%s) is live; the refused write was about the customers",
+        tally.group_name,
+        tally.group_id,
+    )
 
 
 def _put_one(client: LightspeedClient, move: BatchMove, tally: _Tally) -> None:
