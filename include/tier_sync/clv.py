@@ -14,12 +14,20 @@ Decisions on points the rules leave open (see also docs/contracts.md "as-of view
 - `status` null or empty falls back to `state == "closed"`.
 - Tier is "None" whenever Order Count == 0, before the table is applied: with a configured zero
   threshold a customer without a purchase must still get no group.
+- Amounts (issue 13): a qualifying sale whose `amount_cents` is null or not whole int64 cents is
+  refused (`SaleAmountError`, naming the sales), never counted as 0; one at or beyond
+  `max_sale_amount_cents` either way fails the run too, or with `implausible_amounts: "quarantine"`
+  is left out of every figure and reported (log, `QUARANTINED_ATTR` of the metrics). Only
+  qualifying sales are judged: a parked or walk-in sale cannot move a tier. Lifetime values are
+  exact int64 sums and a sum int64 could not hold is refused (`AmountOverflowError`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -28,9 +36,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from include.tier_sync.rules import CLOSED_STATE, CLOSED_STATUSES, TierRules, in_window
+from include.tier_sync.money import format_cents
+from include.tier_sync.rules import (
+    CLOSED_STATE,
+    CLOSED_STATUSES,
+    IMPLAUSIBLE_QUARANTINE,
+    TierRules,
+    in_window,
+)
 from include.tier_sync.rules import US_PER_DAY as US_PER_DAY  # re-exported: master_csv, dashboard
 from include.tier_sync.rules import assign_tiers as rule_tiers
+from include.tier_sync.store import SALES, MalformedRecordError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +55,45 @@ NAT = np.iinfo(np.int64).min  # what pandas stores for NaT in an int64 view
 _EPOCH = pd.Timestamp(0, tz="UTC")
 
 I64 = np.ndarray[Any, np.dtype[np.int64]]
+
+# The metrics' `attrs` key with the ids of the sales quarantined for an implausible amount.
+QUARANTINED_ATTR = "quarantined_sales"
+_NAMED = 20  # sale / customer ids named in one error message
+_SUM_LIMIT = 2.0**62  # a per-customer sum of |cents| below this cannot overflow int64 (float error included)
+
+
+def _named(ids: Sequence[str]) -> str:
+    shown = ", ".join(ids[:_NAMED])
+    return shown + (f" and {len(ids) - _NAMED} more" if len(ids) > _NAMED else "")
+
+
+class SaleAmountError(MalformedRecordError):
+    """Qualifying sales the engine must not count as they are. Names every sale (ids, a long list
+    cut short) and what to do, never the amounts."""
+
+    def __init__(self, sale_ids: Sequence[str], problem: str) -> None:
+        ids = sorted({str(i) for i in sale_ids})
+        self.sale_ids: tuple[str, ...] = tuple(ids)
+        self.resource = SALES
+        self.record_id = ids[0] if ids else None
+        self.field = "amount_cents"
+        self.problem = problem
+        ValueError.__init__(
+            self, f"malformed sales: {len(ids)} qualifying sale(s) {problem}; sale ids: {_named(ids)}"
+        )
+
+
+class AmountOverflowError(ValueError):
+    """A customer's lifetime value would not fit int64 cents: the amounts cannot be right."""
+
+    def __init__(self, customer_ids: Sequence[str]) -> None:
+        self.customer_ids: tuple[str, ...] = tuple(customer_ids)
+        super().__init__(
+            f"lifetime value of {len(customer_ids)} customer(s) is beyond what int64 cents can hold "
+            f"(2^62 cents either way); their sales' amounts cannot be right, check max_sale_amount_cents: "
+            f"{_named(customer_ids)}"
+        )
+
 
 # Columns of compute_customer_metrics' result, in order.
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -169,11 +224,52 @@ def qualifying_sales(
 
     `customer_ids` are the live customers (unique); a sale whose customer is null or not among
     them does not qualify. Works on whole columns with boolean masks, so the (large) sales frame
-    is never copied.
+    is never copied. A qualifying sale without whole int64 cents raises SaleAmountError.
     """
+    _, position, amount, sale_date = _qualifying(sales, customer_ids, as_of)
+    return position, amount, sale_date
+
+
+def checked_sales(
+    sales: pd.DataFrame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp, rules: TierRules
+) -> tuple[I64, I64, I64, list[str]]:
+    """`qualifying_sales` under the plausibility bound, plus the ids of the sales it quarantined.
+
+    A qualifying sale with |amount| >= `rules.max_sale_amount_cents` raises SaleAmountError, or
+    with `implausible_amounts == "quarantine"` is dropped (logged with its id): a barcode keyed
+    into the price must never make a customer Evergreen without anyone noticing.
+    """
+    rows, position, amount, sale_date = _qualifying(sales, customer_ids, as_of)
+    bound = rules.max_sale_amount_cents
+    implausible = (amount >= bound) | (amount <= -bound)  # not np.abs: it overflows at int64 min
+    if not implausible.any():
+        return position, amount, sale_date, []
+    ids = sorted(sales["id"].astype("str").to_numpy()[rows[implausible]].tolist())
+    limit = f"{format_cents(bound)} either way (max_sale_amount_cents)"
+    if rules.implausible_amounts != IMPLAUSIBLE_QUARANTINE:
+        raise SaleAmountError(
+            ids,
+            f"have an amount of at least {limit}: a barcode keyed into the price? Correct them in "
+            'Lightspeed, raise max_sale_amount_cents, or set implausible_amounts to "quarantine" '
+            "in the tier_sync_rules Variable to leave them out of the tiers",
+        )
+    log.warning(
+        "quarantined %d qualifying sale(s) with an amount of at least %s: left out of every figure: %s",
+        len(ids),
+        limit,
+        _named(ids),
+    )
+    keep = ~implausible
+    return position[keep], amount[keep], sale_date[keep], ids
+
+
+def _qualifying(
+    sales: pd.DataFrame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp
+) -> tuple[I64, I64, I64, I64]:
+    """(row numbers, customer position, amount cents, sale_date us) of the qualifying sales."""
     if sales.empty:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
+        return empty, empty.copy(), empty.copy(), empty.copy()
     cut = as_of_us(as_of)
     mask = as_of_mask(sales, as_of)
     deleted_at = timestamps_us(sales, "deleted_at")
@@ -198,8 +294,68 @@ def qualifying_sales(
     index = pc.index_in(arrow_strings(sales["customer_id"]), value_set=value_set)
     position = _ints(index, n)  # -1 for a null or unknown customer id
     mask &= position >= 0
-    amount = sales["amount_cents"].to_numpy(dtype=np.int64, na_value=0)
-    return position[mask], amount[mask], sale_date[mask]
+    amount, unusable = _amount_cents(sales)
+    if (unusable & mask).any():
+        ids = sales["id"].astype("str").to_numpy()[unusable & mask].tolist()
+        raise SaleAmountError(
+            ids,
+            "have no amount (amount_cents null or not whole int64 cents), which must never count as "
+            '$0 (docs/tier-rules.md "Amount"); re-extract them (full_refresh) or fix them in Lightspeed',
+        )
+    rows = np.flatnonzero(mask).astype(np.int64)
+    return rows, position[rows], amount[rows], sale_date[rows]
+
+
+def _amount_cents(sales: pd.DataFrame) -> tuple[I64, npt.NDArray[np.bool_]]:
+    """`amount_cents` as int64 and which rows have no usable value (null, NaN, a fraction of a
+    cent, beyond int64): those are 0 in the array and must not be counted."""
+    n = len(sales)
+    if "amount_cents" not in sales.columns:
+        return np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
+    col = sales["amount_cents"]
+    if getattr(col.dtype, "kind", "") == "i" and not col.hasnans:  # the store's int64: the fast path
+        return col.to_numpy(dtype=np.int64), np.zeros(n, dtype=bool)
+    out = np.zeros(n, dtype=np.int64)
+    unusable = np.zeros(n, dtype=bool)
+    for i, value in enumerate(col.tolist()):
+        cents = _whole_cents(value)
+        if cents is None:
+            unusable[i] = True
+        else:
+            out[i] = cents
+    return out, unusable
+
+
+def _whole_cents(value: Any) -> int | None:
+    """One amount as int64 cents, or None when it is not a whole number that int64 can hold."""
+    if value is None or isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        cents = int(value)
+    elif isinstance(value, float | np.floating | Decimal):
+        number = Decimal(str(value)) if not isinstance(value, Decimal) else value
+        if not number.is_finite() or number != number.to_integral_value():
+            return None
+        cents = int(number)
+    else:
+        return None
+    return cents if -(2**63) <= cents < 2**63 else None
+
+
+def sum_cents(position: I64, amount: I64, n: int, customer_ids: pd.Series) -> I64:
+    """Exact per-customer sums of cents (`position` indexes `customer_ids`), refused with
+    AmountOverflowError, naming the customers, where int64 could not hold a sum."""
+    out = np.zeros(n, dtype=np.int64)
+    if len(amount) == 0:
+        return out
+    peak = max(int(amount.max()), -int(amount.min()))  # Python ints: cannot overflow
+    if peak * len(amount) >= 2**63:  # only then could any partial sum leave int64
+        magnitude = np.bincount(position, weights=np.abs(amount.astype(np.float64)), minlength=n)
+        over = np.flatnonzero(magnitude >= _SUM_LIMIT)
+        if len(over):
+            raise AmountOverflowError(sorted(customer_ids.astype("str").to_numpy()[over].tolist()))
+    np.add.at(out, position, amount)  # integer adds: exact to the cent
+    return out
 
 
 def _bools(arr: pa.Array | pa.ChunkedArray, n: int) -> npt.NDArray[np.bool_]:
@@ -231,16 +387,16 @@ def compute_customer_metrics(
     """One row per live customer at `as_of` (sorted by id) with exact CLV metrics and tier.
 
     Columns: METRIC_COLUMNS. Money is int64 cents; first/last order are int64 microseconds UTC
-    (`NAT` when there is no purchase).
+    (`NAT` when there is no purchase). `attrs[QUARANTINED_ATTR]` lists the sales left out for an
+    implausible amount (`checked_sales`); bad amounts raise SaleAmountError / AmountOverflowError.
     """
     cut = as_of_us(as_of)
     cust = live_customers(customers, as_of)
     n = len(cust)
     ids = cust["id"].astype("str")
-    pos, amount, sale_date = qualifying_sales(sales, ids, as_of)
+    pos, amount, sale_date, quarantined = checked_sales(sales, ids, as_of, rules)
 
-    ltv = np.zeros(n, dtype=np.int64)
-    np.add.at(ltv, pos, amount)  # integer adds: exact to the cent
+    ltv = sum_cents(pos, amount, n, ids)
     purchase = amount > 0
     ppos, pdate = pos[purchase], sale_date[purchase]
     order_count = np.bincount(ppos, minlength=n).astype(np.int64)
@@ -278,11 +434,13 @@ def compute_customer_metrics(
             "tier": tiers,
         }
     )
+    out.attrs[QUARANTINED_ATTR] = quarantined
     log.info(
-        "CLV as of %s: %d live customers, %d qualifying sales, %d with a purchase",
+        "CLV as of %s: %d live customers, %d qualifying sales, %d with a purchase, %d quarantined",
         pd.Timestamp(cut, unit="us", tz="UTC").isoformat(),
         n,
         len(pos),
         int((order_count > 0).sum()),
+        len(quarantined),
     )
     return out

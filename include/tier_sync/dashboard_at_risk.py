@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +91,9 @@ def _scan_sales(urls: list[str], columns: list[str] | None, key: str, values: An
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def _window_purchases(data_dir: str, ids: list[str], as_of: datetime) -> dict[str, list[int]] | None:
+def _window_purchases(
+    data_dir: str, ids: list[str], as_of: datetime, rules: TierRules
+) -> dict[str, list[int]] | None:
     """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`.
 
     Reads only the sales of these customers from the order store: every version of every sale one
@@ -100,7 +103,7 @@ def _window_purchases(data_dir: str, ids: list[str], as_of: datetime) -> dict[st
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from include.tier_sync.clv import qualifying_sales
+    from include.tier_sync.clv import checked_sales
     from include.tier_sync.store import SALES, OrderStore
 
     root = fileio.join(data_dir, STORE_DIR)
@@ -122,7 +125,10 @@ def _window_purchases(data_dir: str, ids: list[str], as_of: datetime) -> dict[st
 
     sales = table.to_pandas()
     del table
-    pos, amount, date = qualifying_sales(sales, pd.Series(ids, dtype=object), as_of)
+    # The engine's own reading, implausible amounts left out (a run that met one failed or
+    # quarantined it; the page never shows it as a purchase either way).
+    page_rules = replace(rules, implausible_amounts="quarantine")
+    pos, amount, date, _ = checked_sales(sales, pd.Series(ids, dtype=object), as_of, page_rules)
     return _group_dates(pos, amount, date, ids)
 
 
@@ -158,7 +164,7 @@ def _at_risk_table(data_dir: str, master: Master, as_of: datetime, rules: TierRu
         return []
     ids = df["Customer ID"].to_numpy()[rows].tolist()
     cut = as_of_us(as_of)
-    dates = _window_purchases(data_dir, ids, as_of)
+    dates = _window_purchases(data_dir, ids, as_of, rules)
     sub = df.iloc[rows]
     columns = zip(
         rows.tolist(),
@@ -203,13 +209,14 @@ def _at_risk_table(data_dir: str, master: Master, as_of: datetime, rules: TierRu
 
 
 def _rules_key(rules: TierRules) -> tuple[int, ...]:
-    """What the at-risk table depends on: the tier table's thresholds."""
+    """What the at-risk table depends on: the tier table's thresholds and the sale plausibility bound."""
     return (
         rules.evergreen_min_cents,
         rules.bloom_min_cents,
         rules.sprout_min_cents,
         rules.sprout_min_purchases_in_window,
         rules.window_days,
+        rules.max_sale_amount_cents,
     )
 
 

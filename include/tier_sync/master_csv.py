@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from include.tier_sync import fileio, ledger
-from include.tier_sync.clv import I64, NAT, US_PER_DAY, as_of_us, compute_customer_metrics
+from include.tier_sync.clv import I64, NAT, QUARANTINED_ATTR, US_PER_DAY, as_of_us, compute_customer_metrics
 from include.tier_sync.ledger import run_key
 from include.tier_sync.rules import ALL_TIERS, NO_TIER, TierRules
 from include.tier_sync.runtime import iso, to_utc
@@ -267,6 +267,8 @@ def compute_tiers(
         "tier_breakdown": breakdown,
         "changes": len(changes),
         "previous_run": prev_url,
+        # Sales left out as implausible (tier_sync_rules implausible_amounts = "quarantine").
+        "quarantined_sales": list(metrics.attrs.get(QUARANTINED_ATTR, [])),
     }
 
 

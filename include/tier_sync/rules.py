@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from include.tier_sync.money import format_cents, to_cents
+from include.tier_sync.money import MAX_AMOUNT_CENTS, format_cents, to_cents
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,14 +60,38 @@ CLOSED_STATUSES: frozenset[str] = frozenset(
 )
 CLOSED_STATE = "closed"
 
+
+def is_finished_sale(status: str | None, state: str | None) -> bool:
+    """One sale's "finished" test (the engine's vectorised one in clv.qualifying_sales is the same):
+    `status` in CLOSED_STATUSES, or, with no status, `state == "closed"`."""
+    if status:
+        return status in CLOSED_STATUSES
+    return state == CLOSED_STATE
+
+
+# What the engine does with a qualifying sale whose amount breaks `max_sale_amount_cents`.
+IMPLAUSIBLE_FAIL = "fail"  # the run fails, naming the sales
+IMPLAUSIBLE_QUARANTINE = "quarantine"  # the sales are left out of every figure and reported
+IMPLAUSIBLE_AMOUNT_MODES: tuple[str, ...] = (IMPLAUSIBLE_FAIL, IMPLAUSIBLE_QUARANTINE)
+
 US_PER_DAY = 86_400_000_000
 
 _PREFIX = "tier_sync_rules: "
-_DOLLAR_KEYS = {"evergreen_min": "evergreen_min_cents", "bloom_min": "bloom_min_cents", "sprout_min": "sprout_min_cents"}
+_DOLLAR_KEYS = {
+    "evergreen_min": "evergreen_min_cents",
+    "bloom_min": "bloom_min_cents",
+    "sprout_min": "sprout_min_cents",
+    "max_sale_amount": "max_sale_amount_cents",
+    "max_lifetime_value": "max_lifetime_value_cents",
+}
 _CENTS_FIELDS = ("evergreen_min_cents", "bloom_min_cents", "sprout_min_cents")
 _POSITIVE_INT_FIELDS = ("sprout_min_purchases_in_window", "window_days", "placeholder_email_min_customers")
 _NON_NEGATIVE_INT_FIELDS = ("max_downgrades",)
 _FRACTION_FIELDS = ("max_row_drop_fraction", "max_tier_change_fraction", "max_move_fraction")
+_INT64_MAX = 2**63 - 1
+# Whole-cent bounds >= 1 and their ceilings: no sale can exceed what money.py lets into the store,
+# and a Lifetime Value bound must fit the gate's int64 range.
+_BOUND_FIELDS = {"max_sale_amount_cents": MAX_AMOUNT_CENTS, "max_lifetime_value_cents": _INT64_MAX}
 
 
 def _error(message: str) -> ValueError:
@@ -100,9 +124,15 @@ class TierRules:
     placeholder_email_min_customers: int = 3  # one address on 3+ customers looks like a placeholder
     max_move_fraction: float = 0.20
     max_downgrades: int = 500
+    # Amount plausibility (issue 13): a qualifying sale must be under max_sale_amount_cents either
+    # way ($1,000,000.00); a bigger one fails the run or, with "quarantine", is left out and
+    # reported. The gate fails a Lifetime Value at or beyond max_lifetime_value_cents either way.
+    max_sale_amount_cents: int = 100_000_000
+    implausible_amounts: str = IMPLAUSIBLE_FAIL
+    max_lifetime_value_cents: int = 1_000_000_000
 
     def __post_init__(self) -> None:
-        for name in _CENTS_FIELDS + _POSITIVE_INT_FIELDS + _NON_NEGATIVE_INT_FIELDS:
+        for name in (*_CENTS_FIELDS, *_POSITIVE_INT_FIELDS, *_NON_NEGATIVE_INT_FIELDS, *_BOUND_FIELDS):
             value = getattr(self, name)
             if not _is_int(value):
                 raise _error(f"{name} must be a whole number, got {value!r}")
@@ -124,7 +154,23 @@ class TierRules:
                 raise _error(f"{name} must be a number between 0 and 1, got {value!r}")
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise _error(f"{name} must be between 0 and 1, got {value!r}")
+        self._check_amount_bounds()
         self._check_groups()
+
+    def _check_amount_bounds(self) -> None:
+        for name, ceiling in _BOUND_FIELDS.items():
+            value = getattr(self, name)
+            if not 1 <= value <= ceiling:
+                raise _error(f"{name} must be between 1 and {ceiling} cents, got {value!r}")
+        if self.max_lifetime_value_cents <= self.evergreen_min_cents:
+            raise _error(
+                f"max_lifetime_value_cents must be above evergreen_min_cents ({self.evergreen_min_cents}), "
+                f"else every Evergreen customer fails the gate; got {self.max_lifetime_value_cents!r}"
+            )
+        if self.implausible_amounts not in IMPLAUSIBLE_AMOUNT_MODES:
+            raise _error(
+                f"implausible_amounts must be one of {list(IMPLAUSIBLE_AMOUNT_MODES)}, got {self.implausible_amounts!r}"
+            )
 
     def _check_groups(self) -> None:
         if not isinstance(self.group_names, Mapping):
@@ -206,8 +252,10 @@ def describe(rules: TierRules) -> str:
         f"{FIRST_TIME_BUYER} an order; else {NO_TIER} | groups: {groups}; "
         f"default {rules.default_group_name!r} ({rules.default_group_code}) | "
         f"gate: row drop <= {rules.max_row_drop_fraction:.0%}, tier changes <= {rules.max_tier_change_fraction:.0%}, "
-        f"placeholder email >= {rules.placeholder_email_min_customers} customers | "
+        f"placeholder email >= {rules.placeholder_email_min_customers} customers, "
+        f"Lifetime Value under {format_cents(rules.max_lifetime_value_cents)} either way | "
         f"sync: moves <= {rules.max_move_fraction:.0%}, downgrades <= {rules.max_downgrades} | "
+        f"sale amounts: under {format_cents(rules.max_sale_amount_cents)} either way, else {rules.implausible_amounts} | "
         f"overrides: {', '.join(changed) if changed else 'none'}"
     )
 

@@ -24,6 +24,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio, ledger
+from include.tier_sync.money import format_cents
 from include.tier_sync.rules import NO_TIER, TierRules, assign_tiers
 from include.tier_sync.runtime import iso
 from include.tier_sync.validation_suite import (
@@ -36,6 +37,7 @@ from include.tier_sync.validation_suite import (
     LIFETIME_VALUE,
     LOYALTY_MEMBER,
     LTV_CENTS,
+    LTV_PLAUSIBLE,
     ORDER_COUNT,
     ORDERS_INT,
     P30_INT,
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 5
+MAX_NAMED_IDS = 20  # customer ids a failed Lifetime Value bound lists in its details
 _INT_RE = re.compile(r"^-?\d+$")
 _MONEY_RE = re.compile(r"^-?\d+(\.\d{1,2})?$")
 
@@ -315,9 +318,26 @@ def _detail(res: Any, frame: pd.DataFrame) -> dict[str, Any]:
         bad = frame[frame[RULE_TIER].notna() & frame[TIER].notna() & (frame[TIER] != frame[RULE_TIER])]
         pairs = (bad[TIER].astype(str) + " where the rule gives " + bad[RULE_TIER].astype(str)).value_counts()
         detail["breakdown"] = {str(k): int(v) for k, v in pairs.head(10).items()}
+    if detail["expectation"] == LTV_PLAUSIBLE:
+        detail.update(_implausible_ltv(frame, kwargs.get("max_value")))
     if not result:  # GX records an expectation it could not evaluate (missing column) this way
         detail["error"] = "could not be evaluated (missing column?)"
     return detail
+
+
+def _implausible_ltv(frame: pd.DataFrame, bound: Any) -> dict[str, Any]:
+    """The customers (ids only, up to MAX_NAMED_IDS) whose Lifetime Value breaks the bound."""
+    if not isinstance(bound, int | float) or LTV_CENTS not in frame.columns:
+        return {}
+    over = frame.loc[frame[LTV_CENTS].abs() >= bound, CUSTOMER_ID].dropna().astype(str)
+    ids = sorted(over.unique().tolist())
+    return {
+        "customer_ids": ids[:MAX_NAMED_IDS],
+        "message": (
+            f"{len(ids)} customer(s) with a Lifetime Value of at least {format_cents(int(bound))} either way "
+            "(max_lifetime_value_cents): check their sales in Lightspeed for an amount keyed wrong"
+        ),
+    }
 
 
 def validate_master(paths: RunPaths, rules: TierRules) -> dict[str, Any]:
@@ -390,6 +410,7 @@ def validate_master(paths: RunPaths, rules: TierRules) -> dict[str, Any]:
             "max_row_drop_fraction": rules.max_row_drop_fraction,
             "max_tier_change_fraction": rules.max_tier_change_fraction,
             "placeholder_email_min_customers": rules.placeholder_email_min_customers,
+            "max_lifetime_value_cents": rules.max_lifetime_value_cents,
         },
         "gx": {
             "blocking": blocking.to_json_dict(),

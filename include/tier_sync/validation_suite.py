@@ -11,6 +11,7 @@ import logging
 import math
 from typing import Any
 
+from include.tier_sync.money import format_cents
 from include.tier_sync.rules import ALL_TIERS, TierRules
 
 SUITE_NAME = "customer_tier_sync.master"
@@ -44,6 +45,9 @@ RULE_TIER = "rule_tier"
 TIER_CHANGED = "tier_changed"
 HAS_ORDERS_FOR_VALUE = "orders_behind_positive_value"
 EMAIL_SHARED_BY = "email_shared_by"
+
+# The check name of the Lifetime Value bound (its failure details name the customers).
+LTV_PLAUSIBLE = "lifetime_value_plausible"
 
 _QUIET_LOGGERS = ("great_expectations", "great_expectations.data_context.types.base", "altair", "tqdm")
 
@@ -129,6 +133,18 @@ def build_suite(
             column=LTV_CENTS,
             description="Lifetime Value is a number with at most two decimals.",
             meta=_meta("lifetime_value_numeric", LIFETIME_VALUE),
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column=LTV_CENTS,
+            min_value=-rules.max_lifetime_value_cents,
+            max_value=rules.max_lifetime_value_cents,
+            strict_min=True,
+            strict_max=True,
+            description=(
+                f"Lifetime Value is under {format_cents(rules.max_lifetime_value_cents)} either way "
+                "(max_lifetime_value_cents): more is a keying error in the POS, not a customer."
+            ),
+            meta=_meta(LTV_PLAUSIBLE, LIFETIME_VALUE),
         ),
         gxe.ExpectColumnValuesToNotBeNull(
             column=ORDERS_INT,

@@ -170,6 +170,37 @@ def test_accepted_forms() -> None:
     assert TierRules.from_mapping({}) == TierRules()
 
 
+def test_amount_settings_are_validated_and_accept_dollars() -> None:
+    defaults = TierRules()
+    assert (defaults.max_sale_amount_cents, defaults.implausible_amounts) == (100_000_000, "fail")
+    assert defaults.max_lifetime_value_cents == 1_000_000_000  # $10,000,000.00
+    dollars = TierRules.from_mapping(
+        {"max_sale_amount": "25000.50", "max_lifetime_value": 2_000_000, "implausible_amounts": "quarantine"}
+    )
+    assert (dollars.max_sale_amount_cents, dollars.max_lifetime_value_cents) == (2_500_050, 200_000_000)
+    assert dollars.implausible_amounts == "quarantine"
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"max_sale_amount_cents": 0}, "max_sale_amount_cents must be between 1 and 10000000000000 cents, got 0"),
+        ({"max_sale_amount_cents": 10**13 + 1}, "got 10000000000001"),  # beyond what the store accepts
+        ({"max_sale_amount_cents": 1.5}, "max_sale_amount_cents must be a whole number, got 1.5"),
+        ({"max_sale_amount_cents": True}, "max_sale_amount_cents must be a whole number, got True"),
+        ({"max_sale_amount": "lots"}, "max_sale_amount must be an amount in dollars, got 'lots'"),
+        ({"max_sale_amount": 5, "max_sale_amount_cents": 500}, "both given"),
+        ({"implausible_amounts": "skip"}, "implausible_amounts must be one of ['fail', 'quarantine'], got 'skip'"),
+        ({"implausible_amounts": None}, "implausible_amounts must be one of ['fail', 'quarantine'], got None"),
+        ({"max_lifetime_value_cents": -1}, "max_lifetime_value_cents must be between 1 and"),
+        ({"max_lifetime_value_cents": "1e9"}, "max_lifetime_value_cents must be a whole number, got '1e9'"),
+        ({"max_lifetime_value": 1500}, "max_lifetime_value_cents must be above evergreen_min_cents (150000)"),
+    ]
+    for overrides, expected in bad:
+        with pytest.raises(ValueError) as info:
+            TierRules.from_mapping(overrides)
+        assert str(info.value).startswith("tier_sync_rules: ") and expected in str(info.value), overrides
+    text = describe(dollars)
+    assert "Lifetime Value under 2000000.00 either way" in text
+    assert "sale amounts: under 25000.50 either way, else quarantine" in text
+
+
 def test_describe_names_thresholds_and_overrides() -> None:
     assert describe(TierRules()).endswith("overrides: none")
     text = describe(TierRules.from_mapping({"sprout_min": 100, "window_days": 7}))

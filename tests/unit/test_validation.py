@@ -222,6 +222,31 @@ def test_custom_thresholds_drive_the_rule(tmp_path: Path) -> None:
     assert v.validate_master(write_run(tmp_path, AS_OF, rows), rules)["success"]
 
 
+def test_lifetime_value_beyond_the_bound_fails_naming_customer_ids_only(tmp_path: Path) -> None:
+    rows = good_rows(30)
+    rows[4] = customer(4, "10000000.00", 9, 0, True, "Evergreen", email="big@spender.example")  # $10M
+    rows[7] = customer(7, "-12000000.00", 0, 0, False, "None")  # returns of a keying error
+    rows[9] = customer(9, "9999999.99", 9, 0, False, "Evergreen")  # one cent under: passes
+    paths = write_run(tmp_path, AS_OF, rows)
+    with pytest.raises(v.DataQualityError) as info:
+        v.validate_master(paths, TierRules())
+    summary = info.value.summary
+    assert summary["failed"] == ["lifetime_value_plausible"]
+    d = detail(summary, "lifetime_value_plausible")
+    assert d["column"] == "Lifetime Value" and d["unexpected_count"] == 2
+    assert d["customer_ids"] == ["cust-0004", "cust-0007"]
+    assert sorted(d["examples"]) == ["cust-0004", "cust-0007"]
+    assert "max_lifetime_value_cents" in d["message"] and "10000000.00" in d["message"]
+    assert "cust-0004" in str(info.value) and "cust-0007" in str(info.value)
+    # Ids only: no name or email in the summary, the message or the report.
+    report = Path(paths.run_validation_json).read_text()
+    for text in (json.dumps(summary), str(info.value), report):
+        assert "Person 4" not in text and "big@spender" not in text
+    assert json.loads(report)["rules"]["max_lifetime_value_cents"] == 1_000_000_000
+    # The bound is a setting: raised above the biggest customer, the same master passes.
+    assert v.validate_master(paths, TierRules.from_mapping({"max_lifetime_value": 20_000_000}))["success"]
+
+
 def test_tier_change_share_over_ceiling_fails(tmp_path: Path) -> None:
     before = [customer(i, "40.00", 1, 0, True, "Seed") for i in range(100)]
     write_run(tmp_path, AS_OF, before, passed=True)
