@@ -9,6 +9,14 @@ header is the authority; the client paces on that as well (see `lightspeed.py`).
 
 A sliding window is stricter than the server's (fixed) 5-minute window: it never allows more than
 `limit` sends in *any* 300 s span, so it cannot overrun a fixed window however the two are aligned.
+
+The file is obeyed by every process, so it must be ours and plausible: the folder defaults to
+`$AIRFLOW_HOME/tier_sync_rate_budget` (not the world-writable temp dir) and is kept owner-only
+(0o700, files 0o600). A folder owned by another user is refused; one of ours that others may write
+into is closed (chmod 0o700, with a warning): it is ours to fix, and the clamps below bound any
+damage a file planted meanwhile could do. What is read is clamped: a `blocked_until` more than
+`MAX_BLOCK_SECONDS` ahead is cut to that (and written back, so the cut holds), a value that is not
+a finite number is ignored, and send times from the future count as sent now.
 """
 
 from __future__ import annotations
@@ -18,17 +26,29 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 300.0
+# The longest hold a server may ask for: one window plus slack, as the client caps Retry-After
+# (`lightspeed_http.MAX_RETRY_AFTER`). A longer `blocked_until` in the file is not believed.
+MAX_BLOCK_SECONDS = WINDOW_SECONDS + 60.0
 DEFAULT_DIR_NAME = "tier_sync_rate_budget"
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+class RateBudgetDirError(PermissionError):
+    """The budget folder is not safe to trust (owned by another user, or not a folder)."""
 
 
 def store_limit(registers: int) -> int:
@@ -42,8 +62,46 @@ def default_reserve(limit: int) -> int:
 
 
 def default_directory() -> Path:
-    """A folder in the system temp dir: every process of one machine (one user) finds the same file."""
-    return Path(tempfile.gettempdir()) / DEFAULT_DIR_NAME
+    """`$AIRFLOW_HOME/tier_sync_rate_budget` (Airflow's own default home: ~/airflow).
+
+    Every task process of one deployment finds the same file there, and unlike the system temp dir
+    no other user can plant one. Read at call time, so a test's or a worker's AIRFLOW_HOME counts.
+    """
+    home = os.environ.get("AIRFLOW_HOME") or "~/airflow"
+    return Path(os.path.expanduser(os.path.expandvars(home))) / DEFAULT_DIR_NAME
+
+
+def ensure_private_directory(directory: str | os.PathLike[str]) -> Path:
+    """Create `directory` owner-only (0o700), close one of ours that others may write, refuse the rest.
+
+    Raises RateBudgetDirError naming the folder when it is not a folder or belongs to another user.
+    """
+    path = Path(directory)
+    try:
+        path.mkdir(mode=_DIR_MODE, parents=True)
+        os.chmod(path, _DIR_MODE)  # mkdir's mode passes through the umask
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RateBudgetDirError(
+            f"Lightspeed request budget folder {path} is not a folder: remove it or set the "
+            f"connection extra `rate_budget_dir` to a private folder"
+        )
+    if st.st_uid != os.getuid():
+        raise RateBudgetDirError(
+            f"Lightspeed request budget folder {path} belongs to uid {st.st_uid}, not to this "
+            f"process (uid {os.getuid()}): its files could hold every task back. Set the connection "
+            f"extra `rate_budget_dir` to a folder of this user, or remove {path}"
+        )
+    if st.st_mode & 0o022:
+        log.warning(
+            "Lightspeed request budget folder %s was writable by others (mode %s); made it 0o700",
+            path,
+            oct(stat.S_IMODE(st.st_mode)),
+        )
+        os.chmod(path, _DIR_MODE)
+    return path
 
 
 class RateBudget:
@@ -63,6 +121,7 @@ class RateBudget:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         max_wait_log_interval: float = 30.0,
+        max_block_seconds: float = MAX_BLOCK_SECONDS,
     ) -> None:
         if limit < 1:
             raise ValueError(f"rate budget limit must be >= 1, got {limit}")
@@ -78,6 +137,7 @@ class RateBudget:
         self._clock = clock
         self._sleep = sleep
         self._log_interval = max_wait_log_interval
+        self.max_block_seconds = float(max_block_seconds)
         # flock is per open file description; threads of one process share ours, so serialise them.
         self._thread_lock = threading.Lock()
         self.last_taken: float | None = None  # the send time recorded by the last acquire()
@@ -138,6 +198,7 @@ class RateBudget:
         """Hold every process back until epoch `until` (after a 429 the server told us when to return)."""
         with self._locked():
             sent, blocked = self._read()
+            until = min(float(until), self._clock() + self.max_block_seconds)
             if until > blocked:
                 self._write(sent, until)
 
@@ -170,27 +231,97 @@ class RateBudget:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self._thread_lock, open(self.lock_path, "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        ensure_private_directory(self.directory)
+        with self._thread_lock:
             try:
-                yield
+                fd = os.open(
+                    self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _FILE_MODE
+                )
+            except OSError as exc:
+                raise RateBudgetDirError(
+                    f"Lightspeed request budget lock {self.lock_path} cannot be opened ({exc.strerror}): "
+                    f"remove it, or set the connection extra `rate_budget_dir` to a private folder"
+                ) from None
+            try:
+                st = os.fstat(fd)
+                if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != _FILE_MODE:
+                    os.fchmod(fd, _FILE_MODE)  # a lock file made before the folder was private
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                os.close(fd)
 
     def _read(self) -> tuple[list[float], float]:
-        """(send times, blocked-until epoch) from the budget file; empty when there is none."""
-        try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-            return [float(t) for t in raw.get("sent", [])], float(raw.get("blocked_until", 0.0))
-        except FileNotFoundError:
+        """(send times, blocked-until epoch) from the budget file, made plausible; empty when none.
+
+        Called under the lock. Whatever had to be cut is written back, so the cut holds: a clamped
+        hold then ends at the clamp instead of being pushed out again on every read.
+        """
+        raw = self._load()
+        if raw is None:
             return [], 0.0
+        stored, blocked_raw = raw
+        now = self._clock()
+        sent = [t for t in (_finite(x) for x in stored) if t is not None]
+        changed = len(sent) != len(stored)
+        if changed:
+            log.warning(
+                "Lightspeed request budget file %s: ignored send times that are not numbers", self.path
+            )
+        if any(t > now for t in sent):
+            log.warning("Lightspeed request budget file %s: send times in the future count as now", self.path)
+            sent, changed = [min(t, now) for t in sent], True
+        blocked = _finite(blocked_raw)
+        if blocked is None:
+            log.warning(
+                "Lightspeed request budget file %s: blocked_until is not a finite number; ignored", self.path
+            )
+            blocked, changed = 0.0, True
+        elif blocked > now + self.max_block_seconds:
+            log.warning(
+                "Lightspeed request budget file %s asked to hold requests for %.0f s; capped at %.0f s",
+                self.path,
+                blocked - now,
+                self.max_block_seconds,
+            )
+            blocked, changed = now + self.max_block_seconds, True
+        if changed:
+            self._write(sent, blocked)
+        return sent, blocked
+
+    def _load(self) -> tuple[list[Any], Any] | None:
+        """The raw (sent, blocked_until) of a budget file of ours; None when there is none or it is
+        not usable (unreadable, a symlink, another user's: it is replaced at the next write)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            log.warning(
+                "Lightspeed request budget file %s cannot be opened; starting a new window", self.path
+            )
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            if os.fstat(fh.fileno()).st_uid != os.getuid():
+                log.warning("Lightspeed request budget file %s is not ours; starting a new window", self.path)
+                return None
+            data = fh.read()
+        try:
+            raw = json.loads(data.decode("utf-8"))
+            stored = raw.get("sent", [])
+            if not isinstance(stored, list):
+                raise TypeError("sent is not a list")
+            return stored, raw.get("blocked_until", 0.0)
         except (ValueError, TypeError, AttributeError):
             # Writes are atomic renames, so this is a foreign or hand-edited file: start afresh.
             log.warning("Lightspeed request budget file %s unreadable; starting a new window", self.path)
-            return [], 0.0
+            return None
 
     def _write(self, sent: list[float], blocked_until: float) -> None:
+        # mkstemp creates the file 0o600; the rename keeps that mode.
         fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -200,3 +331,11 @@ class RateBudget:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _finite(value: object) -> float | None:
+    """A finite float from a JSON number; None for anything else (strings, bools, NaN, Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    out = float(value)
+    return out if math.isfinite(out) else None

@@ -8,6 +8,9 @@ Why this shape (docs/contracts.md "The order store"):
   cursor (`version.max`) the data has been read up to; both change in the one atomic write, so
   a crash can never advance a cursor past data that is not stored. A segment the manifest does
   not name (a crashed append, a segment replaced by compaction) does not exist for readers.
+* A commit is a compare-and-swap on the manifest's (generation, etag): under an flock locally; on
+  object storage (fsspec has no lock or conditional overwrite) an optimistic re-check. A file that
+  cannot be read raises StoreCorruptError naming it and full_refresh, which sets damage aside.
 * Everything goes through fsspec / `fileio`, so the store works on a local folder, a file://
   URL or object storage shared by workers on several machines.
 * Versions are kept, not overwritten, so a re-run for an older `as_of` sees records as they were.
@@ -15,7 +18,10 @@ Why this shape (docs/contracts.md "The order store"):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
+import json
 import logging
 import os
 import uuid
@@ -31,7 +37,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from include.tier_sync import fileio
-from include.tier_sync.money import sale_amount_cents
+from include.tier_sync.money import AMOUNT_FIELDS, AmountError, has_amount, sale_amount_cents
+from include.tier_sync.rules import is_finished_sale
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = "manifest.lock"
 MANIFEST_FORMAT = "tier_sync.order_store/1"
 SALES = "sales"
 CUSTOMERS = "customers"
@@ -84,23 +92,16 @@ SCHEMAS: Mapping[str, pa.Schema] = {SALES: SALES_SCHEMA, CUSTOMERS: CUSTOMERS_SC
 SALES_COLUMNS: tuple[str, ...] = tuple(SALES_SCHEMA.names)
 CUSTOMERS_COLUMNS: tuple[str, ...] = tuple(CUSTOMERS_SCHEMA.names)
 
-_SALE_TIMESTAMPS = ("sale_date", "created_at", "updated_at", "deleted_at")
-_SALE_STRINGS = ("customer_id", "status", "state")
-_CUSTOMER_TIMESTAMPS = ("created_at", "updated_at", "deleted_at")
-_CUSTOMER_STRINGS = (
-    "customer_code",
-    "first_name",
-    "last_name",
-    "name",
-    "email",
-    "phone",
-    "mobile",
-    "customer_group_id",
-)
+# The nullable string and timestamp columns, in schema order (the row converters fill them).
+_SALE_STRINGS = tuple(f.name for f in SALES_SCHEMA if f.nullable and f.type == pa.string())
+_SALE_TIMESTAMPS = tuple(f.name for f in SALES_SCHEMA if f.type == _TS)
+_CUSTOMER_STRINGS = tuple(f.name for f in CUSTOMERS_SCHEMA if f.nullable and f.type == pa.string())
+_CUSTOMER_TIMESTAMPS = tuple(f.name for f in CUSTOMERS_SCHEMA if f.type == _TS)
 
 # zstd: about half the bytes of snappy on these columns and still decodes 5M rows in well under a second.
 _COMPRESSION = "zstd"
 _READ_ATTEMPTS = 3
+RECOVERY = "trigger the DAG with full_refresh=true to rebuild the store from Lightspeed"
 
 
 class StoreError(RuntimeError):
@@ -109,6 +110,10 @@ class StoreError(RuntimeError):
 
 class ConcurrentWriteError(StoreError):
     """Another writer committed since this one read its cursor; committing now could lose its data."""
+
+
+class StoreCorruptError(StoreError):
+    """A manifest or committed segment that cannot be read; the message names it and the recovery."""
 
 
 class MalformedRecordError(ValueError):
@@ -185,13 +190,36 @@ def sale_to_row(raw: Mapping[str, Any]) -> dict[str, Any]:
         row[field] = _string(SALES, rid, raw, field)
     for field in _SALE_TIMESTAMPS:
         row[field] = _timestamp(SALES, rid, raw, field)
-    try:
-        row["amount_cents"] = sale_amount_cents(raw)
-    except (ValueError, ArithmeticError):
-        field = "total_price_incl" if raw.get("total_price_incl") is not None else "total_price/total_tax"
-        raise MalformedRecordError(SALES, rid, field, "is not a decimal amount") from None
+    row["amount_cents"] = _sale_amount(rid, raw, finished=is_finished_sale(row["status"], row["state"]))
     row["version"] = _version(SALES, rid, raw)
     return row
+
+
+def _sale_amount(rid: str, raw: Mapping[str, Any], *, finished: bool) -> int:
+    """The sale's amount in cents (tier-rules.md "Amount"), or MalformedRecordError naming the field.
+
+    A finished sale with none of the amount fields is refused rather than stored as $0: it would
+    count as a zero sale and silently cost its customer a tier. An unfinished one never counts, so
+    its 0 is harmless. A value beyond money's hard ceiling is refused here, before it could
+    overflow the int64 column.
+    """
+    if not has_amount(raw):
+        if finished:
+            raise MalformedRecordError(
+                SALES,
+                rid,
+                "/".join(AMOUNT_FIELDS),
+                "is missing or null on a finished sale, which needs total_price_incl or total_price "
+                '(+ total_tax) (docs/tier-rules.md "Amount"); fix the sale in Lightspeed',
+            )
+        return 0
+    field = "total_price_incl" if raw.get("total_price_incl") is not None else "total_price/total_tax"
+    try:
+        return sale_amount_cents(raw)
+    except AmountError as exc:
+        raise MalformedRecordError(SALES, rid, field, exc.reason) from None
+    except (ValueError, TypeError, ArithmeticError):
+        raise MalformedRecordError(SALES, rid, field, "is not a decimal amount") from None
 
 
 def customer_to_row(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,6 +275,27 @@ def _empty_manifest(generation: int = 0, next_segment: int = 1) -> dict[str, Any
     }
 
 
+def _token(manifest: Mapping[str, Any]) -> tuple[int, Any]:
+    """What a commit is compared on: the generation counter and the random etag of that commit."""
+    return int(manifest.get("generation", 0)), manifest.get("etag")
+
+
+def _manifest_problem(data: Any) -> str | None:
+    """Why parsed JSON is not a usable manifest, or None."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        return f"is not an order-store manifest ({MANIFEST_FORMAT})"
+    try:
+        if int(data.get("generation", 0)) < 0 or int(data.get("next_segment", 1)) < 1:
+            return "has a malformed header"
+        for entry in data.setdefault("resources", {}).values():
+            names = [s["name"] for s in entry["segments"]]
+            if entry["cursor"] < 0 or not all(n.endswith(".parquet") and "/" not in n for n in names):
+                return "names a malformed segment or cursor"
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return "is malformed"
+    return None
+
+
 class OrderStore:
     """Append-only Parquet segments per resource under `root`, committed by `root/manifest.json`.
 
@@ -259,8 +308,8 @@ class OrderStore:
         if "://" not in text:
             text = os.path.abspath(text)
         self.root = text.rstrip("/") or "/"
-        # The manifest generation this writer last read its cursor from or committed itself.
-        self._seen_generation: int | None = None
+        # (generation, etag) of the manifest this writer last read its cursor from or committed.
+        self._seen: tuple[int, Any] | None = None
 
     def __repr__(self) -> str:
         return f"OrderStore({self.root!r})"
@@ -279,47 +328,64 @@ class OrderStore:
     # -- manifest -----------------------------------------------------------------------------------
 
     def manifest(self) -> dict[str, Any]:
-        """The committed manifest (an empty one when the store has never been written)."""
-        data = fileio.read_json(self.manifest_url)
-        if data is None:
+        """The committed manifest (empty for a new store); StoreCorruptError when it is unreadable."""
+        try:
+            data = json.loads(fileio.read_bytes(self.manifest_url).decode("utf-8"))
+        except FileNotFoundError:
             return _empty_manifest()
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise StoreError(f"{self.manifest_url}: not an order-store manifest ({MANIFEST_FORMAT})")
-        resources = data.setdefault("resources", {})
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError: a cut-off or overwritten file
+            data = None
+        problem = _manifest_problem(data) if data is not None else "is not valid JSON (truncated?)"
+        if problem:
+            raise StoreCorruptError(
+                f"order store manifest {self.manifest_url} {problem}: {RECOVERY}; that keeps the "
+                f"damaged manifest and segments, moved to {self.root}/damaged-<UTC time>-<id>/"
+            )
         for resource in RESOURCES:
-            resources.setdefault(resource, {"cursor": 0, "segments": []})
-        return data
+            data["resources"].setdefault(resource, {"cursor": 0, "segments": []})
+        return data  # type: ignore[no-any-return]
 
-    def _manifest_for_write(self) -> dict[str, Any]:
-        """The manifest to build the next commit on, refused when another writer has moved it.
-
-        Optimistic, not a lock (object storage offers no portable compare-and-swap): it catches
-        overlapping writers except within the few milliseconds of one manifest read-then-write.
-        """
+    def _manifest_for_write(self, expected: tuple[int, Any] | None = None) -> dict[str, Any]:
+        """The manifest to build a commit on; ConcurrentWriteError when it is no longer `expected`
+        (by default: what this writer last read its cursor from or committed)."""
         manifest = self.manifest()
-        generation = int(manifest.get("generation", 0))
-        if self._seen_generation is not None and generation != self._seen_generation:
+        expected = self._seen if expected is None else expected
+        if expected is not None and _token(manifest) != expected:
             raise ConcurrentWriteError(
-                f"order store {self.root}: another writer committed (generation {self._seen_generation} "
-                f"-> {generation}); run one extraction at a time and retry"
+                f"order store {self.root}: another writer committed (generation {expected[0]} -> "
+                f"{_token(manifest)[0]}) since this one read it; run one extraction at a time and retry"
             )
         return manifest
 
+    def _commit_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """Serialises commits: an flock on `manifest.lock` of a local store (closing releases it).
+        Object storage has no lock in fsspec, so there the check in _commit is optimistic."""
+        if not fileio.is_local(self.root):
+            return contextlib.nullcontext()
+        fileio.makedirs(self.root)
+        lock = open(fileio.join(fileio.local_path(self.root), LOCK_NAME), "a+b")  # noqa: SIM115
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        return lock
+
     def _commit(self, manifest: dict[str, Any]) -> None:
+        """Compare-and-swap: write `manifest` only while the committed one is the one it was built on."""
+        with self._commit_lock():
+            self._manifest_for_write(_token(manifest))
+            self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest["generation"] = int(manifest.get("generation", 0)) + 1
+        manifest["etag"] = uuid.uuid4().hex
         manifest["updated_at"] = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         fileio.write_json(self.manifest_url, manifest)
-        self._seen_generation = manifest["generation"]
+        self._seen = _token(manifest)
 
     def cursor(self, resource: str) -> int:
-        """The version the resource has been read up to; 0 when nothing is stored.
-
-        A writer reads its cursor here; later appends by this instance fail if another writer
-        commits in between.
-        """
+        """The version the resource has been read up to (0: nothing stored). A writer reads its
+        cursor here; its later appends fail if another writer commits in between."""
         _schema(resource)
         manifest = self.manifest()
-        self._seen_generation = int(manifest.get("generation", 0))
+        self._seen = _token(manifest)
         return int(manifest["resources"][resource]["cursor"])
 
     def cursors(self) -> dict[str, int]:
@@ -340,12 +406,12 @@ class OrderStore:
         """
         table = rows if isinstance(rows, pa.Table) else rows_to_table(resource, rows)
         table = table.select(_schema(resource).names).cast(_schema(resource))
-        seq = int(self._manifest_for_write().get("next_segment", 1))
-        segment = self._write_segment(resource, seq, table) if table.num_rows else None
         manifest = self._manifest_for_write()
+        seq = int(manifest.get("next_segment", 1))
+        segment = self._write_segment(resource, seq, table) if table.num_rows else None
         entry = manifest["resources"][resource]
         if segment is not None:
-            manifest["next_segment"] = max(int(manifest.get("next_segment", 1)), seq + 1)
+            manifest["next_segment"] = seq + 1
             entry["segments"].append(segment)
         new_cursor = max(int(entry["cursor"]), int(cursor))
         if segment is None and new_cursor == int(entry["cursor"]):
@@ -366,11 +432,21 @@ class OrderStore:
             "max_version": int(pc.max(versions).as_py()),
         }
 
-    def reset(self) -> None:
-        """Full refresh: commit an empty store. Old segments stay on disk until compact() collects them."""
-        old = self.manifest()
-        fresh = _empty_manifest(int(old.get("generation", 0)), int(old.get("next_segment", 1)))
-        self._commit(fresh)
+    def reset(self) -> str | None:
+        """Full refresh: an empty store. A corrupt manifest and the segments are moved (not deleted) to
+        `damaged-<UTC time>-<id>/`, returned; else old segments wait for compact() to collect them."""
+        with self._commit_lock():
+            try:
+                old, damaged = self.manifest(), None
+            except StoreCorruptError as exc:
+                old, stamp = _empty_manifest(), datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+                damaged = fileio.join(self.root, f"damaged-{stamp}-{uuid.uuid4().hex[:6]}")
+                log.warning("%s; full refresh: moving the damaged store to %s", exc, damaged)
+                for name in ("segments", MANIFEST_NAME):  # segments first: a half-done move stays damaged
+                    if fileio.exists(fileio.join(self.root, name)):
+                        _move(fileio.join(self.root, name), fileio.join(damaged, name))
+            self._write_manifest(_empty_manifest(int(old["generation"]), int(old.get("next_segment", 1))))
+        return damaged
 
     def compact(
         self, resources: Iterable[str] | None = None, *, collect_garbage: bool = True
@@ -382,7 +458,6 @@ class OrderStore:
         """
         wanted = list(resources) if resources is not None else list(RESOURCES)
         manifest = self._manifest_for_write()
-        based_on = int(manifest.get("generation", 0))
         merged: dict[str, int] = {}
         replaced: list[str] = []
         for resource in wanted:
@@ -397,10 +472,6 @@ class OrderStore:
             replaced += [self.segment_url(resource, s["name"]) for s in segs]
             merged[resource] = len(segs)
         if merged:
-            if int(self.manifest().get("generation", 0)) != based_on:
-                raise ConcurrentWriteError(
-                    f"order store {self.root}: a commit landed during compaction; retry"
-                )
             self._commit(manifest)
             log.info("order store %s: compacted %s", self.root, merged)
         for url in replaced:
@@ -435,11 +506,12 @@ class OrderStore:
             segs = self.manifest()["resources"][resource]["segments"]
             try:
                 return self._read_distinct(resource, segs)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 # A compaction committed and deleted the segments we were about to read: reload.
                 if attempt == _READ_ATTEMPTS - 1:
-                    raise StoreError(f"{self.root}: a committed {resource} segment is missing") from None
-                continue
+                    urls = (self.segment_url(resource, s["name"]) for s in segs)
+                    missing = " and ".join(u for u in urls if not fileio.exists(u)) or str(exc)
+                    raise StoreCorruptError(f"order store segment {missing} is missing: {RECOVERY}") from None
         raise AssertionError("unreachable")
 
     def _read_distinct(self, resource: str, segs: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -452,18 +524,25 @@ class OrderStore:
         return table
 
     def _read_table(self, resource: str, segs: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """The segments as one table; StoreCorruptError naming a segment that cannot be read."""
         schema = _schema(resource)
         if not segs:
             return schema.empty_table()
         urls = [self.segment_url(resource, s["name"]) for s in segs]
-        if fileio.is_local(self.root):
-            paths = [fileio.local_path(u) for u in urls]
-            dataset = ds.dataset(paths, schema=schema, format="parquet")
-        else:
-            fs, _ = fileio.filesystem(self.root)
-            paths = [fileio.filesystem(u)[1] for u in urls]
-            dataset = ds.dataset(paths, schema=schema, format="parquet", filesystem=fs)
-        return dataset.to_table()
+        try:
+            local = fileio.is_local(self.root)
+            fs = None if local else fileio.filesystem(self.root)[0]
+            paths = [fileio.local_path(u) if local else fileio.filesystem(u)[1] for u in urls]
+            return ds.dataset(paths, schema=schema, format="parquet", filesystem=fs).to_table()
+        except (pa.ArrowException, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            for seg in segs if len(segs) > 1 else ():
+                self._read_table(resource, [seg])  # raises, naming the culprit
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise StoreCorruptError(
+                f"order store segment {' or '.join(urls)} cannot be read ({reason}): {RECOVERY}"
+            ) from exc
 
 
 def _split_overlapping(
@@ -502,12 +581,18 @@ def _dedupe_table(table: pa.Table) -> pa.Table:
     return table.filter(keep)
 
 
+def _move(src: str, dst: str) -> None:
+    """Rename a file or folder (on object storage: copy, then delete the source)."""
+    if fileio.is_local(src):
+        os.makedirs(os.path.dirname(fileio.local_path(dst)), exist_ok=True)
+        return os.rename(fileio.local_path(src), fileio.local_path(dst))
+    fs, path = fileio.filesystem(src)
+    fs.mv(path, fileio.filesystem(dst)[1], recursive=True)
+
+
 def _remove(url: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         if fileio.is_local(url):
-            os.remove(fileio.local_path(url))
-        else:
-            fs, path = fileio.filesystem(url)
-            fs.rm_file(path)
-    except FileNotFoundError:
-        pass
+            return os.remove(fileio.local_path(url))
+        fs, path = fileio.filesystem(url)
+        fs.rm_file(path)

@@ -14,8 +14,6 @@ from tests.unit.fakes import FakeTime
 pytestmark = pytest.mark.unit
 
 
-
-
 def test_store_limit_and_reserve() -> None:
     assert store_limit(1) == 350
     assert store_limit(3) == 950

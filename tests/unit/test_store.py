@@ -380,3 +380,61 @@ def test_local_root_may_be_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     store.append("sales", sale_rows(("a", 1)), cursor=1)
     assert os.path.isfile(tmp_path / "rel" / "store" / "manifest.json")
     assert store.uri == str(tmp_path / "rel" / "store")
+
+
+# -- amounts (issue 13) ------------------------------------------------------------------------------
+
+
+def _without_amounts(raw: dict[str, Any], *, nulls: bool) -> dict[str, Any]:
+    raw.pop("total_price_incl", None)
+    if nulls:
+        raw.update(total_price_incl=None, total_price=None, total_tax=None)
+    return raw
+
+
+@pytest.mark.parametrize("nulls", [False, True], ids=["absent", "null"])
+def test_finished_sale_without_any_amount_field_is_malformed_not_zero(nulls: bool) -> None:
+    raw = _without_amounts(raw_sale("sale-77", 3), nulls=nulls)
+    with pytest.raises(MalformedRecordError) as info:
+        sale_to_row(raw)
+    err = info.value
+    assert err.resource == "sales" and err.record_id == "sale-77"
+    assert err.field == "total_price_incl/total_price/total_tax"
+    assert "id=sale-77" in str(err) and "finished sale" in str(err)
+    # `state` stands in for an empty status, so a closed state without amounts is refused too ...
+    closed_state = _without_amounts(raw_sale("sale-78", 3, status=None, state="closed"), nulls=nulls)
+    with pytest.raises(MalformedRecordError, match="id=sale-78"):
+        sale_to_row(closed_state)
+    # ... while a parked sale, which never counts, may come without totals.
+    parked = _without_amounts(raw_sale("sale-79", 3, status="SAVED"), nulls=nulls)
+    assert sale_to_row(parked)["amount_cents"] == 0
+
+
+def test_huge_and_non_finite_amounts_are_malformed_records_not_overflow() -> None:
+    huge_or_not_finite: list[Any] = [
+        Decimal("1E+20"),
+        Decimal("-1E+20"),
+        Decimal("1E+999999"),
+        "1E+20",
+        1e20,
+        10**30,
+        Decimal("100000000000.00"),  # the hard ceiling, $100,000,000,000.00
+        Decimal("99999999999.995"),  # rounds up to it
+        Decimal("NaN"),
+        Decimal("sNaN"),
+        Decimal("Infinity"),
+        Decimal("-Infinity"),
+        float("nan"),
+        float("inf"),
+        "Infinity",
+    ]
+    for value in huge_or_not_finite:
+        with pytest.raises(MalformedRecordError) as info:
+            sale_to_row({**raw_sale("sale-big", 2), "total_price_incl": value})
+        assert info.value.record_id == "sale-big" and info.value.field == "total_price_incl", value
+    for price, tax in ((Decimal("1E+20"), Decimal(0)), (Decimal("9E+999999"), Decimal("9E+999999"))):
+        raw = {**raw_sale("sale-big", 2), "total_price_incl": None, "total_price": price, "total_tax": tax}
+        with pytest.raises(MalformedRecordError, match="id=sale-big: field 'total_price/total_tax'"):
+            sale_to_row(raw)
+    # Just under the ceiling is stored exactly (plausibility is the engine's, configurable, call).
+    assert sale_to_row(raw_sale("s", 1, amount="99999999999.99"))["amount_cents"] == 9_999_999_999_999
