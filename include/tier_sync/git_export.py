@@ -10,6 +10,9 @@ Credentials, the choice of remote and the git subprocess are git_remote.py's job
   newer master), never from trailers found in the remote's history.
 - A push that loses a race is replayed onto the new remote tip and retried; a push refused for any
   other reason raises `GitPushError` and keeps the local commit, which the next run pushes.
+- A damaged working copy is set aside (`work.damaged-<UTC time>`) and cloned afresh, but only when
+  every commit it may hold is on the remote; otherwise the run fails naming the folder, so an
+  unpushed commit is never dropped. An unreadable index alone is just removed (it holds nothing).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio, ledger
@@ -51,6 +55,8 @@ RUN_ID_TRAILER = "Airflow-Run-Id"
 DEFAULT_MAX_PUSH_ATTEMPTS = 5
 
 _NON_FAST_FORWARD = re.compile(r"\[rejected\].*\((?:fetch first|non-fast-forward)\)")
+_SHA = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
+_NULL_SHA = re.compile(r"^0+$")
 
 
 class GitPushError(GitExportError):
@@ -156,9 +162,14 @@ def commit_master(
     sources = _sources(paths)
     work = work_dir(paths)
     as_of = to_utc(identity.get("as_of") or paths.as_of)
-    with _locked(os.path.join(os.path.dirname(work), "work.lock")), git_environment(target, auth) as env:
+    # The environment first: it refuses an unsafe transport before anything is written.
+    with git_environment(target, auth) as env, _locked(os.path.join(os.path.dirname(work), "work.lock")):
+        # git never looks above the working copy's folder (a damaged .git would else send it to an
+        # enclosing repository, e.g. the project's own checkout).
+        env = {**env, "GIT_CEILING_DIRECTORIES": os.path.dirname(work)}
         git = _Git(work, env, auth.secrets if auth else ())
         _ensure_remote(git, target, paths, branch)
+        _check_work_copy(git, target, branch)
         _prepare(git, target, branch)
         newest = _ledger_newest(paths)
         _sync(git, branch, newest)
@@ -221,11 +232,190 @@ def _prepare(git: _Git, target: Remote, branch: str) -> None:
     if os.path.exists(stale):  # left by a killed task; we hold the working-copy lock, so it is stale
         log.warning("Removing stale %s", stale)
         os.unlink(stale)
-    url = target.local_path if target.kind == "local" else target.url
+    url = _origin_url(target)
     if git.ok("remote", "get-url", "origin"):
         git.run("remote", "set-url", "origin", url)
     else:
         git.run("remote", "add", "origin", url)
+
+
+def _origin_url(target: Remote) -> str:
+    return target.local_path if target.kind == "local" else target.url
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged working copy
+
+
+class _Unreadable(Exception):
+    """The damaged copy's branches cannot be read, so it may hold commits nobody can list."""
+
+
+def _check_work_copy(git: _Git, target: Remote, branch: str) -> None:
+    """Replace a damaged working copy by a fresh clone, only when the remote has all its commits."""
+    damage = _damage(git)
+    if damage is None:
+        return
+    shown = display_remote(target.url)
+    try:
+        tips = _local_tips(os.path.join(git.cwd, ".git"))
+    except _Unreadable as exc:
+        raise GitExportError(
+            _kept_message(
+                git.cwd,
+                damage,
+                f"its branches cannot be read ({exc}), so it may hold commits never pushed to {shown}",
+            )
+        ) from None
+    fresh = _fresh_clone(git, target, branch)
+    try:
+        missing = _not_on_remote(fresh, tips)
+        if missing:
+            why = f"it holds commits that are not on the remote {shown}: {'; '.join(missing)}"
+            raise GitExportError(_kept_message(git.cwd, damage, why))
+        aside = _set_aside(git.cwd)
+        os.rename(fresh.cwd, git.cwd)
+    except BaseException:
+        shutil.rmtree(fresh.cwd, ignore_errors=True)
+        raise
+    log.warning(
+        "The git working copy was damaged (%s); every commit it held is on %s, so it was set aside as %s "
+        "and cloned afresh (delete the old folder once you no longer need it)",
+        damage,
+        shown,
+        aside,
+    )
+
+
+def _kept_message(work: str, damage: str, why: str) -> str:
+    return (
+        f"the git working copy {work} is damaged ({damage}) and {why}. Nothing was changed or pushed. "
+        f"Save those commits first (e.g. copy the folder, repair it or `git fsck` it, push what it holds), "
+        f"then move the folder away (e.g. to {os.path.basename(work)}.damaged-<date> next to it): the next "
+        f"run clones the remote afresh"
+    )
+
+
+def _damage(git: _Git) -> str | None:
+    """What is wrong with the working copy, or None when it is sound (or not there yet)."""
+    dot_git = os.path.join(git.cwd, ".git")
+    if not os.path.lexists(dot_git):
+        return None  # a first run: _prepare initialises it
+    if os.path.islink(dot_git) or not os.path.isdir(dot_git):
+        return ".git is not a folder"
+    proc = git.run("rev-parse", "--absolute-git-dir", check=False)
+    if "safe.directory" in proc.stderr:  # not damage: the folder belongs to another user
+        raise GitExportError(f"git refuses the working copy {git.cwd}: {git.scrub(proc.stderr)}")
+    if proc.returncode != 0 or os.path.realpath(proc.stdout.strip()) != os.path.realpath(dot_git):
+        return "git does not recognise .git as a repository: HEAD, objects or refs missing or unreadable"
+    if git.run("ls-files", "--stage", check=False).returncode != 0:
+        # Every run rewrites its files and checks out with --force: the index holds nothing to keep.
+        log.warning("The index of the git working copy %s is unreadable; removing it", git.cwd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dot_git, "index"))
+    fsck = git.run("fsck", "--no-progress", "--no-dangling", check=False)
+    if fsck.returncode != 0:
+        lines = [line for line in f"{fsck.stdout}\n{fsck.stderr}".splitlines() if line.strip()]
+        return "git fsck: " + git.scrub("; ".join(lines[:3]) or f"exit {fsck.returncode}")
+    return None
+
+
+def _local_tips(dot_git: str) -> dict[str, str]:
+    """Every commit a branch of the damaged copy points or last pointed to (refs, packed-refs and
+    the reflogs, which also hold a detached HEAD's commits), read from the files themselves."""
+    heads = os.path.join(dot_git, "refs", "heads")
+    packed = os.path.join(dot_git, "packed-refs")
+    if not os.path.isdir(heads) and not os.path.isfile(packed):
+        raise _Unreadable("refs/heads is missing")
+    tips: dict[str, str] = {}
+    for path in _files_under(heads):
+        ref = os.path.relpath(path, dot_git)
+        value = _read_text(path, ref).strip()
+        if not value.startswith("ref: "):  # a symbolic ref points at one read here anyway
+            tips[ref] = _sha(value, ref)
+    if os.path.isfile(packed):
+        for line in _read_text(packed, "packed-refs").splitlines():
+            if line and not line.startswith(("#", "^")):
+                sha, _, ref = line.partition(" ")
+                if ref.startswith("refs/heads/"):
+                    tips.setdefault(ref, _sha(sha, "packed-refs"))
+    logs = os.path.join(dot_git, "logs")
+    for path in [os.path.join(logs, "HEAD"), *_files_under(os.path.join(logs, "refs", "heads"))]:
+        name = "reflog " + os.path.relpath(path, logs)
+        lines = _read_text(path, name).splitlines() if os.path.isfile(path) else []
+        if lines:
+            tips[name] = _sha(lines[-1].split(" ", 2)[1] if " " in lines[-1] else "", name)
+    head = os.path.join(dot_git, "HEAD")
+    if os.path.isfile(head) and _SHA.match(value := _read_text(head, "HEAD").strip()):
+        tips["HEAD"] = value  # detached; a garbled HEAD names no commit and hides none
+    return {ref: sha for ref, sha in tips.items() if not _NULL_SHA.match(sha)}
+
+
+def _files_under(folder: str) -> list[str]:
+    return sorted(os.path.join(root, name) for root, _dirs, files in os.walk(folder) for name in files)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _Unreadable(f"{what}: {exc.__class__.__name__}") from None
+
+
+def _sha(value: str, what: str) -> str:
+    if not _SHA.match(value):
+        raise _Unreadable(f"{what} does not hold a commit id")
+    return value
+
+
+def _fresh_clone(git: _Git, target: Remote, branch: str) -> _Git:
+    """The remote's branches in a new working copy next to the damaged one (same file system)."""
+    fresh = _Git(f"{git.cwd}.repair", git.env, git.secrets)
+    shutil.rmtree(fresh.cwd, ignore_errors=True)  # left by a killed run; we hold the lock
+    os.makedirs(fresh.cwd)
+    try:
+        fresh.run("init", "--quiet", f"--initial-branch={branch}")
+        fresh.run("remote", "add", "origin", _origin_url(target))
+        fresh.run("fetch", "--quiet", "--no-tags", "origin", "+refs/heads/*:refs/remotes/origin/*")
+    except GitExportError as exc:
+        shutil.rmtree(fresh.cwd, ignore_errors=True)
+        raise GitExportError(
+            f"the git working copy {git.cwd} is damaged and could not be compared with the remote "
+            f"{display_remote(target.url)} ({exc}); nothing was changed"
+        ) from None
+    return fresh
+
+
+def _not_on_remote(fresh: _Git, tips: Mapping[str, str]) -> list[str]:
+    """`<commit> (<where the copy has it>)` for each commit no branch of the remote contains."""
+    names: dict[str, list[str]] = {}
+    for ref, sha in tips.items():
+        names.setdefault(sha, []).append(ref)
+    return [
+        f"{sha[:12]} ({', '.join(sorted(refs, key=lambda r: (r.startswith('reflog'), r)))})"
+        for sha, refs in sorted(names.items(), key=lambda kv: sorted(kv[1]))
+        if not _on_remote(fresh, sha)
+    ]
+
+
+def _on_remote(fresh: _Git, sha: str) -> bool:
+    """The commit is in a branch of the remote (unknown to the fresh clone means: it is not)."""
+    proc = fresh.run(
+        "for-each-ref", f"--contains={sha}", "--format=%(refname)", "refs/remotes/origin/", check=False
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+def _set_aside(work: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = f"{work}.damaged-{stamp}"
+    n = 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{work}.damaged-{stamp}-{n}"
+    os.rename(work, aside)
+    return aside
 
 
 def _sync(git: _Git, branch: str, newest: datetime | None) -> str | None:

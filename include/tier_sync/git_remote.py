@@ -9,6 +9,13 @@ Everything that touches credentials lives here, so the rules about them can be c
   that embeds credentials is refused rather than silently used.
 - The remote is chosen in one place, `resolve_remote`.
 - `_Git` runs every git command with that per-export environment and scrubs secrets from errors.
+- Transports are pinned: `parse_remote` accepts local paths, file://, http(s):// and ssh only (never
+  a `<transport>::<address>` helper such as ext:: or fd::, which runs commands), and every git
+  subprocess gets `GIT_ALLOW_PROTOCOL` with exactly those, so git itself refuses any other one,
+  including in a submodule URL or a redirect.
+- A token is never sent over plain http:// unless the connection opts in (extra
+  `allow_insecure_http`, for a local test server); SSH checks host keys (`yes`) unless the
+  connection says otherwise, and a connection that turns checking off is logged as a warning.
 
 Why not `GitHook.configure_hook_env()` from providers-git: it writes the token into the worker's
 process-wide `os.environ` for the duration of the block (visible to every thread and subprocess
@@ -48,7 +55,14 @@ TOKEN_ENV = "TIER_SYNC_GIT_TOKEN"
 USER_ENV = "TIER_SYNC_GIT_USER"
 PASSPHRASE_ENV = "TIER_SYNC_GIT_SSH_PASSPHRASE"
 
-_VALID_HOST_KEY_CHECKING = frozenset({"yes", "no", "accept-new", "off", "ask"})
+# Exactly what parse_remote accepts (git+ssh:// and scp-like remotes are git's "ssh", local paths its
+# "file"): git refuses every other transport, whatever a URL, a config or a redirect asks for.
+ALLOWED_PROTOCOLS = ("file", "http", "https", "ssh")
+# "ask" is not offered: nobody can answer ssh's prompt from a task.
+_VALID_HOST_KEY_CHECKING = frozenset({"yes", "accept-new", "no", "off"})
+_UNCHECKED_HOST_KEYS = frozenset({"no", "off"})
+# git's rule for a remote helper (`<transport>::<address>`, e.g. ext::<command>, fd::<fd>).
+_TRANSPORT_HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 _SCP_LIKE = re.compile(r"^(?:[^/@:]+@)?[^/:]+:(?!//)")
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 # Inherited variables that would point git at another repository or print credentials.
@@ -79,12 +93,15 @@ class GitAuth:
     key_file: str | None = None
     private_key: str | None = field(default=None, repr=False)
     private_key_passphrase: str | None = field(default=None, repr=False)
-    strict_host_key_checking: str = "accept-new"
+    strict_host_key_checking: str = "yes"
     known_hosts_file: str | None = None
+    known_hosts: str | None = field(default=None, repr=False)
     ssh_config_file: str | None = None
     ssh_port: int | None = None
     author_name: str = DEFAULT_AUTHOR_NAME
     author_email: str = DEFAULT_AUTHOR_EMAIL
+    allow_insecure_http: bool = False
+    conn_id: str = GIT_CONN_ID
 
     @classmethod
     def from_fields(
@@ -93,16 +110,15 @@ class GitAuth:
         login: str | None,
         password: str | None,
         extra: Mapping[str, Any] | None,
+        conn_id: str = GIT_CONN_ID,
     ) -> GitAuth:
-        """Build from connection fields; validates what providers-git validates."""
+        """Build from connection fields; validates what providers-git validates, and our extras."""
         extra = dict(extra or {})
-        if extra.get("key_file") and extra.get("private_key"):
-            raise GitExportError("git connection: set either extra 'key_file' or 'private_key', not both")
-        checking = str(extra.get("strict_host_key_checking") or "accept-new")
-        if checking not in _VALID_HOST_KEY_CHECKING:
-            raise GitExportError(
-                f"git connection: strict_host_key_checking must be one of {sorted(_VALID_HOST_KEY_CHECKING)}"
-            )
+        for one, other in (("key_file", "private_key"), ("known_hosts_file", "known_hosts")):
+            if extra.get(one) and extra.get(other):
+                raise GitExportError(
+                    f"git connection {conn_id!r}: set either extra {one!r} or {other!r}, not both"
+                )
         return cls(
             host=host or None,
             user=login or "user",
@@ -110,17 +126,49 @@ class GitAuth:
             key_file=extra.get("key_file") or None,
             private_key=extra.get("private_key") or None,
             private_key_passphrase=extra.get("private_key_passphrase") or None,
-            strict_host_key_checking=checking,
+            strict_host_key_checking=_host_key_checking(extra, conn_id),
             known_hosts_file=extra.get("known_hosts_file") or None,
+            known_hosts=extra.get("known_hosts") or None,
             ssh_config_file=extra.get("ssh_config_file") or None,
             ssh_port=int(extra["ssh_port"]) if extra.get("ssh_port") else None,
             author_name=str(extra.get("author_name") or DEFAULT_AUTHOR_NAME),
             author_email=str(extra.get("author_email") or DEFAULT_AUTHOR_EMAIL),
+            allow_insecure_http=_flag(extra, "allow_insecure_http", conn_id),
+            conn_id=conn_id,
         )
 
     @property
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for s in (self.token, self.private_key_passphrase) if s)
+
+
+def _host_key_checking(extra: Mapping[str, Any], conn_id: str) -> str:
+    """`yes` unless the connection says otherwise (a host key is known before git trusts a host)."""
+    raw = extra.get("strict_host_key_checking")
+    if raw is None or raw == "":
+        return "yes"
+    if isinstance(raw, bool):  # a YAML `no` arrives as False
+        raw = "yes" if raw else "no"
+    checking = str(raw).strip().lower()
+    if checking not in _VALID_HOST_KEY_CHECKING:
+        raise GitExportError(
+            f"git connection {conn_id!r}: extra strict_host_key_checking is {raw!r}; use one of "
+            f"{sorted(_VALID_HOST_KEY_CHECKING)} (yes, the default, needs the host key in known_hosts)"
+        )
+    return checking
+
+
+def _flag(extra: Mapping[str, Any], name: str, conn_id: str) -> bool:
+    """A boolean extra: true/false (or yes/no, 1/0); anything else is an error, never a guess."""
+    raw = extra.get(name)
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    value = str(raw).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0", ""):
+        return False
+    raise GitExportError(f"git connection {conn_id!r}: extra {name} is {raw!r}; use true or false")
 
 
 def load_git_auth(conn_id: str = GIT_CONN_ID) -> GitAuth | None:
@@ -135,7 +183,7 @@ def load_git_auth(conn_id: str = GIT_CONN_ID) -> GitAuth | None:
     except AirflowNotFoundException:
         log.info("No connection %s: the remote must need no credentials", conn_id)
         return None
-    return GitAuth.from_fields(conn.host, conn.login, conn.password, conn.extra_dejson)
+    return GitAuth.from_fields(conn.host, conn.login, conn.password, conn.extra_dejson, conn_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +212,13 @@ def parse_remote(remote: str) -> Remote:
     remote = remote.strip()
     if not remote:
         raise GitExportError("git remote is empty")
+    if _TRANSPORT_HELPER.match(remote):
+        # git would hand the address to git-remote-<transport>; ext:: runs it as a command.
+        transport = remote.split("::", 1)[0]
+        raise GitExportError(
+            f"git remote uses the transport {transport + '::'!r}, which is not supported (ext:: and "
+            f"fd:: run commands or use file descriptors); use a local path, file://, http(s):// or ssh"
+        )
     if "://" in remote:
         parts = urlsplit(remote)
         scheme = parts.scheme.lower()
@@ -235,12 +290,14 @@ def scrub(text: str, secrets: Sequence[str] = ()) -> str:
 @contextlib.contextmanager
 def git_environment(remote: Remote, auth: GitAuth | None) -> Iterator[dict[str, str]]:
     """The environment of every git subprocess of one export; helper files live only inside it."""
+    check_transport(remote, auth)
     # Airflow connections defined as env vars hold secrets git has no use for.
     env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV and not k.startswith("AIRFLOW_CONN_")}
     env.update(
         {
             "GIT_TERMINAL_PROMPT": "0",
             "GIT_TRACE_REDACT": "1",
+            "GIT_ALLOW_PROTOCOL": ":".join(ALLOWED_PROTOCOLS),
             "LC_ALL": "C",  # git's messages are parsed (non-fast-forward detection)
             "LANGUAGE": "C",
         }
@@ -258,9 +315,27 @@ def git_environment(remote: Remote, auth: GitAuth | None) -> Iterator[dict[str, 
     with tempfile.TemporaryDirectory(prefix="tier-sync-git-") as helper_dir:
         if auth is not None and auth.token and remote.kind == "http":
             _add_credential_helper(env, remote, auth, helper_dir)
-        if auth is not None and remote.kind == "ssh":
-            _add_ssh_command(env, auth, helper_dir)
+        if remote.kind == "ssh":  # without a connection too: host keys are checked all the same
+            _add_ssh_command(env, auth or GitAuth(), helper_dir)
         yield env
+
+
+def check_transport(remote: Remote, auth: GitAuth | None) -> None:
+    """Refuse to send a token over plain http:// unless the connection opted in (local tests)."""
+    if auth is None or not auth.token or urlsplit(remote.url).scheme.lower() != "http":
+        return
+    shown = display_remote(remote.url)
+    if not auth.allow_insecure_http:
+        raise GitExportError(
+            f"git remote {shown} is plain http://: the token of connection {auth.conn_id!r} would travel "
+            f"unencrypted. Use an https:// remote; only for a local test server, set "
+            f'"allow_insecure_http": true in the extra of connection {auth.conn_id!r}'
+        )
+    log.warning(
+        "Sending the token of connection %s to %s over plain http (extra allow_insecure_http is set)",
+        auth.conn_id,
+        shown,
+    )
 
 
 def _add_credential_helper(env: dict[str, str], remote: Remote, auth: GitAuth, helper_dir: str) -> None:
@@ -304,10 +379,22 @@ def _add_ssh_command(env: dict[str, str], auth: GitAuth, helper_dir: str) -> Non
     if key_path:
         parts += ["-i", shlex.quote(key_path), "-o", "IdentitiesOnly=yes"]
     parts += ["-o", f"StrictHostKeyChecking={auth.strict_host_key_checking}"]
-    if auth.known_hosts_file:
-        parts += ["-o", f"UserKnownHostsFile={shlex.quote(auth.known_hosts_file)}"]
-    elif auth.strict_host_key_checking == "no":
+    known_hosts = auth.known_hosts_file
+    if auth.known_hosts:
+        known_hosts = os.path.join(helper_dir, "known_hosts")
+        with open(known_hosts, "w") as fh:
+            fh.write(auth.known_hosts if auth.known_hosts.endswith("\n") else auth.known_hosts + "\n")
+    if known_hosts:
+        parts += ["-o", f"UserKnownHostsFile={shlex.quote(known_hosts)}"]
+    elif auth.strict_host_key_checking in _UNCHECKED_HOST_KEYS:
         parts += ["-o", "UserKnownHostsFile=/dev/null"]
+    if auth.strict_host_key_checking in _UNCHECKED_HOST_KEYS:
+        log.warning(
+            "SSH host keys are not checked (connection %s, extra strict_host_key_checking=%s): anyone "
+            "on the network path can pose as the git host; set it to yes and supply known_hosts",
+            auth.conn_id,
+            auth.strict_host_key_checking,
+        )
     if auth.ssh_config_file:
         parts += ["-F", shlex.quote(auth.ssh_config_file)]
     if auth.ssh_port:

@@ -35,6 +35,8 @@ DAY2 = datetime(2026, 11, 25, 2, tzinfo=UTC)
 DAY3 = datetime(2026, 11, 26, 2, tzinfo=UTC)
 HEADER = "Customer ID,Tier,Previous Tier\n"
 TOKEN = "ghp_SuperSecretToken_0123456789abcdef"
+# The local http git server fixture is plain http: a token goes there only with this opt-in.
+INSECURE_HTTP_OK = {"allow_insecure_http": True}
 
 
 @pytest.fixture(autouse=True)
@@ -529,7 +531,8 @@ def test_token_from_connection_reaches_git_only_through_env(
 ) -> None:
     url, bare, auth_headers = http_remote
     # No remote argument: the connection's host is the remote when the Variable is not set.
-    conn = {"conn_type": "git", "host": url, "login": "bot", "password": TOKEN}
+    # The fixture server speaks plain http, so the connection opts in (test_git_hardening checks the refusal).
+    conn = {"conn_type": "git", "host": url, "login": "bot", "password": TOKEN, "extra": INSECURE_HTTP_OK}
     monkeypatch.setenv("AIRFLOW_CONN_GIT_DEFAULT", json.dumps(conn))
     caplog.set_level(logging.DEBUG)
     data = tmp_path / "data"
@@ -566,7 +569,7 @@ def test_wrong_token_fails_without_leaking_it(
 ) -> None:
     url, _bare, _headers = http_remote
     wrong = "ghp_WrongToken_fedcba9876543210"
-    conn = {"conn_type": "git", "host": url, "login": "bot", "password": wrong}
+    conn = {"conn_type": "git", "host": url, "login": "bot", "password": wrong, "extra": INSECURE_HTTP_OK}
     monkeypatch.setenv("AIRFLOW_CONN_GIT_DEFAULT", json.dumps(conn))
 
     with pytest.raises(GitExportError) as err:
@@ -621,6 +624,7 @@ def test_ssh_environment_from_connection_extras(tmp_path: Path) -> None:
             "private_key": "-----BEGIN KEY-----\nabc\n-----END KEY-----",
             "private_key_passphrase": "passphrase-1234",
             "known_hosts_file": "/etc/kh",
+            "strict_host_key_checking": "accept-new",
             "ssh_port": "2222",
             "author_name": "Tier Bot",
         },
