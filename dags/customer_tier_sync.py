@@ -23,7 +23,9 @@ Every day at 02:00 UTC this DAG runs the retailer's loyalty program:
 Trigger options: `dry_run` (plan and log only), `full_refresh` (rebuild the order store),
 `force_resync` (re-assert every managed customer's group), `limit` (first N moves only),
 `allow_mass_change` (override the circuit breaker). Back-filled and superseded runs compute and log
-but never write to the POS. See the project README for operating notes.
+but never write to the POS. Every task has an `execution_timeout` and the run a `dagrun_timeout`
+(defaults in include/tier_sync/settings.py; env `TIER_SYNC_TASK_TIMEOUT_MINUTES`,
+`TIER_SYNC_DAGRUN_TIMEOUT_HOURS`). See the project README for operating notes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ from include.tier_sync.artifacts import MASTER_CSV_ASSET
 
 DAG_ID = "customer_tier_sync"
 
+# Time bounds (settings.py: defaults, env overrides; the environment only, never a Variable or the
+# DB at parse time). A hung task fails on its timeout and a stuck run on dagrun_timeout, instead of
+# holding the only active run (max_active_runs=1) and blocking the days after it.
+TIMEOUTS = settings.task_timeouts()
+
 
 @dag(
     dag_id=DAG_ID,
@@ -55,6 +62,7 @@ DAG_ID = "customer_tier_sync"
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
+    dagrun_timeout=settings.dagrun_timeout(),
     tags=["loyalty", "lightspeed", "customer-tiers"],
     doc_md=__doc__,
     default_args={
@@ -93,21 +101,22 @@ def customer_tier_sync() -> None:
     # Each task body is one call into include/tier_sync/tasks.py (imported inside the task, so
     # parsing this file never imports pandas, GX or git).
 
-    @task(max_active_tis_per_dag=1)  # one writer of the order store at a time, backfills included
+    # one writer of the order store at a time, backfills included
+    @task(max_active_tis_per_dag=1, execution_timeout=TIMEOUTS["extract_orders"])
     def extract_orders() -> dict[str, Any]:
         """Pull the sales and customer change feeds into the order store."""
         from include.tier_sync.tasks import extract_task
 
         return extract_task(get_current_context())
 
-    @task
+    @task(execution_timeout=TIMEOUTS["compute_tiers"])
     def compute_tiers(extracted: Any) -> dict[str, Any]:
         """CLV and tier of every customer as of the end of the data interval."""
         from include.tier_sync.tasks import compute_task
 
         return compute_task(get_current_context())
 
-    @task(retries=0)
+    @task(retries=0, execution_timeout=TIMEOUTS["validate_tiers"])
     def validate_tiers(computed: Any) -> dict[str, Any]:
         """Great Expectations gate: a failure fails at once (no retry) and blocks commit and sync."""
         from include.tier_sync.tasks import validate_task
@@ -116,21 +125,21 @@ def customer_tier_sync() -> None:
 
     # One publisher at a time across runs (back-fills included): tier_history.csv and the stable
     # "latest" copies are read-modify-written. The ledger's lock file guards a local data dir too.
-    @task(max_active_tis_per_dag=1)
+    @task(max_active_tis_per_dag=1, execution_timeout=TIMEOUTS["publish_run"])
     def publish_run(computed: Any, validated: Any) -> dict[str, Any]:
         """Publish the validated run: tier history, and for the latest run the stable master."""
         from include.tier_sync.tasks import publish_task
 
         return publish_task(get_current_context(), computed)
 
-    @task(outlets=[MASTER_CSV_ASSET], max_active_tis_per_dag=1)
+    @task(outlets=[MASTER_CSV_ASSET], max_active_tis_per_dag=1, execution_timeout=TIMEOUTS["commit_csv"])
     def commit_csv(computed: Any, published: Any) -> dict[str, Any]:
         """Commit the validated master CSV (and tier history) to the git remote."""
         from include.tier_sync.tasks import commit_task
 
         return commit_task(get_current_context(), computed)
 
-    @task
+    @task(execution_timeout=TIMEOUTS["plan_sync"])
     def plan_sync(committed: Any) -> list[dict[str, Any]]:
         """Decide who moves where; write batch files; return small batch references to map over."""
         from include.tier_sync.tasks import plan_sync_task
@@ -142,6 +151,7 @@ def customer_tier_sync() -> None:
         retries=3,
         retry_delay=timedelta(seconds=30),
         map_index_template="{{ batch_label }}",
+        execution_timeout=TIMEOUTS["sync_batch"],  # per batch
     )
     def sync_batch(ref: dict[str, Any]) -> dict[str, Any]:
         """Move one batch of customers (idempotent: re-checks live groups before writing)."""
@@ -151,21 +161,26 @@ def customer_tier_sync() -> None:
         context["batch_label"] = ref.get("batch") or f"{ref.get('tier')} ({ref.get('size')})"  # type: ignore[typeddict-unknown-key]
         return sync_batch_task(context, ref)
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @task(trigger_rule=TriggerRule.ALL_DONE, execution_timeout=TIMEOUTS["verify_group_counts"])
     def verify_group_counts(results: Any) -> dict[str, Any]:
         """Compare each tier group's members in Lightspeed with the master CSV."""
         from include.tier_sync.tasks import verify_group_counts_task
 
         return verify_group_counts_task(get_current_context())
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @task(trigger_rule=TriggerRule.ALL_DONE, execution_timeout=TIMEOUTS["write_sync_log"])
     def write_sync_log(group_check: Any) -> dict[str, Any]:
         """Aggregate every batch into tier_sync_log.json; fail the run if any customer failed."""
         from include.tier_sync.tasks import write_sync_log_task
 
         return write_sync_log_task(get_current_context())
 
-    @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0, on_failure_callback=None)
+    @task(
+        trigger_rule=TriggerRule.ONE_FAILED,
+        retries=0,
+        on_failure_callback=None,
+        execution_timeout=TIMEOUTS["run_outcome"],
+    )
     def run_outcome() -> None:
         """Fail the run when any task failed.
 

@@ -66,10 +66,11 @@ MAX_SEARCH = 25
 
 
 def resolve_data_dir() -> str:
-    """The pipeline's data dir, as the api-server sees it (same default as settings.data_dir)."""
+    """The pipeline's data dir, as the api-server sees it: the cached Variable, checked by the same
+    validator as the tasks' (settings.check_data_dir; ValueError when refused)."""
     from include.tier_sync import settings
 
-    return variable(VAR_DATA_DIR) or settings.data_dir()
+    return settings.check_data_dir(variable(VAR_DATA_DIR))
 
 
 def resolve_rules() -> TierRules:

@@ -1,16 +1,21 @@
 """The one place that reads deployment configuration (Airflow Variables, environment).
 
 Everything here is read lazily, inside functions, so importing this module at DAG parse time
-touches neither the metadata DB nor the environment. The tier table itself (names, thresholds,
-their validation, the rule) lives in `include.tier_sync.rules`; this module only reads the
-`tier_sync_rules` Variable and hands it to `TierRules.from_mapping`.
+touches neither the metadata DB nor the environment. The DAG file calls `task_timeouts` and
+`dagrun_timeout` at parse time: those read the environment only, never a Variable or the DB. The
+tier table itself (names, thresholds, their validation, the rule) lives in `include.tier_sync.rules`;
+this module only reads the `tier_sync_rules` Variable and hands it to `TierRules.from_mapping`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+from datetime import timedelta
+from urllib.parse import urlsplit
 
 from include.tier_sync.rules import TierRules, describe
 
@@ -77,9 +82,90 @@ def airflow_home() -> str:
     return os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
 
 
+# What the data dir may be besides an absolute local path: these fsspec protocols only. The
+# api-server reads (and serves Data Docs) from it, so e.g. an http:// URL would turn the page into
+# a proxy. "memory" is fsspec's in-process store, the unit tests' stand-in for object storage: in a
+# deployment every process would see its own empty store.
+DATA_DIR_SCHEMES = ("file", "s3", "gs", "gcs", "az", "abfs", "abfss", "memory")
+_AZURE_SCHEMES = ("az", "abfs", "abfss")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*\Z")
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+# adlfs's "container@account.dfs.core.windows.net": user-info syntax, but names no secret.
+_AZURE_ACCOUNT = re.compile(r"[a-z0-9][a-z0-9-]*@[a-z0-9]+\.(?:dfs|blob)\.core\.windows\.net\Z")
+
+
 def data_dir() -> str:
-    """Where the order store, master CSV, logs and reports live: a local path or an fsspec URL."""
-    return variable(VAR_DATA_DIR) or os.path.join(airflow_home(), "tier_sync_data")
+    """Where the order store, master CSV, logs and reports live (see `check_data_dir`)."""
+    return check_data_dir(variable(VAR_DATA_DIR))
+
+
+def check_data_dir(raw: str | None) -> str:
+    """The data dir a `tier_sync_data_dir` value names, or ValueError naming the Variable.
+
+    Unset or blank: `$AIRFLOW_HOME/tier_sync_data`. Otherwise an absolute local path or a URL of
+    DATA_DIR_SCHEMES without credentials, query or fragment. The one validator: tasks (`data_dir`)
+    and the page (`dashboard.resolve_data_dir`) both call it. Messages never echo the value.
+    """
+    if raw is None or not raw.strip():
+        default = os.path.join(airflow_home(), "tier_sync_data")
+        if not os.path.isabs(default):
+            raise ValueError(
+                f"Variable {VAR_DATA_DIR} is unset and its default ($AIRFLOW_HOME/tier_sync_data) is a "
+                "relative path; set AIRFLOW_HOME or the Variable to an absolute path"
+            )
+        return default
+    problem = _data_dir_problem(raw)
+    if problem is not None:
+        raise ValueError(f"Variable {VAR_DATA_DIR} is refused: {problem}")
+    return raw
+
+
+def _data_dir_problem(value: str) -> str | None:
+    """Why `value` is not an allowed data dir, or None (the reason never quotes the value)."""
+    if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "it has leading/trailing whitespace or a control character; remove them"
+    if "::" in value:
+        return "chained fsspec URLs ('::') are not allowed; use one local path or one object-storage URL"
+    if "://" not in value:
+        if not os.path.isabs(value):
+            return (
+                "it is a relative path, which each worker would resolve against its own working "
+                "directory; use an absolute path or an object-storage URL"
+            )
+        return None
+    scheme = value.split("://", 1)[0]
+    if not _SCHEME.match(scheme):
+        return "it is neither an absolute local path nor a URL with a valid (lower-case) scheme"
+    if scheme not in DATA_DIR_SCHEMES:
+        allowed = ", ".join(f"{s}://" for s in DATA_DIR_SCHEMES)
+        return (
+            f"scheme {scheme!r} is not allowed; use an absolute local path or one of {allowed} "
+            "(memory:// is for tests only)"
+        )
+    return _url_problem(scheme, value)
+
+
+def _url_problem(scheme: str, value: str) -> str | None:
+    if "?" in value or "#" in value:
+        return (
+            f"the {scheme}:// URL has a query ('?') or fragment ('#'); storage options belong in "
+            "the fsspec / cloud configuration, not in the Variable"
+        )
+    parts = urlsplit(value)
+    if scheme == "file":
+        if parts.netloc or not parts.path.startswith("/"):
+            return "a file:// URL must name an absolute path and no host: file:///absolute/path"
+        return None
+    if "@" in parts.netloc:
+        if scheme in _AZURE_SCHEMES and _AZURE_ACCOUNT.match(parts.netloc):
+            return None
+        return (
+            f"the {scheme}:// URL carries credentials (user info before '@'); give storage "
+            "credentials through the environment, an instance role or the fsspec configuration"
+        )
+    if scheme != "memory" and not _BUCKET.match(parts.netloc):
+        return f"the {scheme}:// URL must start with a bucket or container name: {scheme}://bucket/prefix"
+    return None
 
 
 def git_remote_variable() -> str | None:
@@ -89,3 +175,74 @@ def git_remote_variable() -> str | None:
 
 def git_branch() -> str:
     return variable(VAR_GIT_BRANCH) or "main"
+
+
+# -- time bounds ---------------------------------------------------------------------------------------
+
+# Each task's execution_timeout (minutes, per try) and the run's dagrun_timeout: a hung task fails
+# (and alerts, and is retried) instead of holding the only active run (max_active_runs=1) forever.
+# Sized at several times the run seen at 200,000 customers; sync_batch is per mapped batch.
+TASK_TIMEOUT_MINUTES: dict[str, int] = {
+    "extract_orders": 60,
+    "compute_tiers": 30,
+    "validate_tiers": 30,
+    "publish_run": 10,
+    "commit_csv": 15,
+    "plan_sync": 20,
+    "sync_batch": 30,
+    "verify_group_counts": 15,
+    "write_sync_log": 10,
+    "run_outcome": 5,
+}
+DAGRUN_TIMEOUT_HOURS = 6.0
+ENV_TASK_TIMEOUTS = "TIER_SYNC_TASK_TIMEOUT_MINUTES"  # "extract_orders=120,sync_batch=45"
+ENV_DAGRUN_TIMEOUT = "TIER_SYNC_DAGRUN_TIMEOUT_HOURS"  # "8" or "1.5"
+
+
+def task_timeouts() -> dict[str, timedelta]:
+    """Every task's execution_timeout: the defaults, overridden per task by env ENV_TASK_TIMEOUTS.
+
+    Read at DAG parse time, so the environment only (a Variable would hit the DB on every parse).
+    """
+    minutes = dict(TASK_TIMEOUT_MINUTES)
+    seen: set[str] = set()
+    for item in os.environ.get(ENV_TASK_TIMEOUTS, "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or name not in minutes:
+            raise ValueError(
+                f"{ENV_TASK_TIMEOUTS}: each item must be task_id=minutes with a task of this DAG "
+                f"({', '.join(TASK_TIMEOUT_MINUTES)}), got {item.strip()!r}"
+            )
+        if name in seen:
+            raise ValueError(f"{ENV_TASK_TIMEOUTS}: {name} is given twice")
+        seen.add(name)
+        if not (value.isascii() and value.isdigit()) or int(value) <= 0:
+            raise ValueError(
+                f"{ENV_TASK_TIMEOUTS}: {name} must be a whole number of minutes > 0, got {value!r}"
+            )
+        minutes[name] = int(value)
+    return {name: timedelta(minutes=m) for name, m in minutes.items()}
+
+
+def dagrun_timeout() -> timedelta:
+    """The run's dagrun_timeout: DAGRUN_TIMEOUT_HOURS or env ENV_DAGRUN_TIMEOUT (parse time, env only);
+    refused when shorter than the longest task timeout, which it would silently cut short."""
+    raw = os.environ.get(ENV_DAGRUN_TIMEOUT, "").strip()
+    hours = DAGRUN_TIMEOUT_HOURS
+    if raw:
+        try:
+            hours = float(raw)
+        except ValueError:
+            hours = math.nan
+        if not math.isfinite(hours) or hours <= 0:
+            raise ValueError(f"{ENV_DAGRUN_TIMEOUT} must be a number of hours > 0, got {raw!r}")
+    timeout = timedelta(hours=hours)
+    longest_name, longest = max(task_timeouts().items(), key=lambda kv: kv[1])
+    if timeout < longest:
+        raise ValueError(
+            f"{ENV_DAGRUN_TIMEOUT}: {hours:g} h is shorter than the {longest_name} task's timeout "
+            f"({longest}); raise it or lower {ENV_TASK_TIMEOUTS}"
+        )
+    return timeout

@@ -51,8 +51,29 @@ async def require_user(
 User = Annotated[Any, Depends(require_user)]
 
 
-def _data_dir() -> str:
-    return dashboard.resolve_data_dir()
+# Data Docs are HTML that Great Expectations rendered from customer data, served on the Airflow
+# origin: a sandbox without allow-scripts / allow-same-origin gives them an opaque origin and runs
+# none of their scripts, so nothing in them can act with the viewer's Airflow session. The cost:
+# GX's own scripts and CDN assets (Bootstrap, jQuery, Vega charts, Font Awesome) do not load, so
+# the pages render plain (tables and text, no collapsible sections or charts).
+DATA_DOCS_CSP = (
+    "sandbox; default-src 'none'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
+DATA_DOCS_HEADERS = {
+    "Content-Security-Policy": DATA_DOCS_CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+def _data_dir(headers: dict[str, str] | None = None) -> str:
+    """The validated data dir; a refused `tier_sync_data_dir` is a 500 that says why (never read)."""
+    try:
+        return dashboard.resolve_data_dir()
+    except ValueError as exc:  # the message names the Variable and the problem, never the value
+        log.error("Loyalty tiers: %s", exc)
+        raise HTTPException(status_code=500, detail=str(exc), headers=headers) from exc
 
 
 def _json(payload: Any) -> JSONResponse:
@@ -154,9 +175,19 @@ def api_customer(customer_id: str, _user: User) -> JSONResponse:
 
 @app.get("/data-docs/{path:path}", include_in_schema=False)
 def data_docs(path: str, _user: User) -> Response:
-    """The Great Expectations Data Docs site, served from the data dir (local or object storage)."""
-    found = dashboard.data_docs_file(_data_dir(), path or "index.html")
+    """The Great Expectations Data Docs site, served from the data dir (local or object storage),
+    every response sandboxed (DATA_DOCS_HEADERS)."""
+    data_dir = _data_dir(DATA_DOCS_HEADERS)
+    try:
+        found = dashboard.data_docs_file(data_dir, path or "index.html")
+    except Exception as exc:  # unreadable storage: still a sandboxed response, the cause in the log
+        log.exception("Loyalty tiers: reading a Data Docs file failed")
+        raise HTTPException(
+            status_code=500,
+            detail=f"Reading the Data Docs file failed ({type(exc).__name__}); see the api-server log",
+            headers=DATA_DOCS_HEADERS,
+        ) from exc
     if found is None:
-        raise HTTPException(status_code=404, detail="Data Docs file not found")
+        raise HTTPException(status_code=404, detail="Data Docs file not found", headers=DATA_DOCS_HEADERS)
     body, media_type = found
-    return Response(body, media_type=media_type, headers={"Cache-Control": "no-store"})
+    return Response(body, media_type=media_type, headers=DATA_DOCS_HEADERS)

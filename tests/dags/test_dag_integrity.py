@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from unittest import mock
 
@@ -80,6 +81,65 @@ def test_tags_owner_retries_doc(dagbag) -> None:  # type: ignore[no-untyped-def]
             assert t.retries >= 2, t.task_id
     # A data-quality failure must not be retried: it would only re-fail and delay the alert.
     assert dag.get_task("validate_tiers").retries == 0
+
+
+def test_every_task_and_the_run_are_time_bounded(dagbag) -> None:  # type: ignore[no-untyped-def]
+    """A hung task must fail on its own timeout, a stuck run on dagrun_timeout (max_active_runs=1:
+    otherwise one hang blocks every later day)."""
+    from include.tier_sync import settings
+
+    dag = dagbag.dags[DAG_ID]
+    assert dag.dagrun_timeout == timedelta(hours=6)
+    assert {t.task_id for t in dag.tasks} == set(settings.TASK_TIMEOUT_MINUTES)
+    for t in dag.tasks:
+        assert t.execution_timeout == timedelta(minutes=settings.TASK_TIMEOUT_MINUTES[t.task_id]), t.task_id
+    assert dag.get_task("extract_orders").execution_timeout == timedelta(minutes=60)
+    assert dag.get_task("sync_batch").execution_timeout == timedelta(minutes=30)  # per mapped batch
+    assert max(t.execution_timeout for t in dag.tasks) < dag.dagrun_timeout
+
+
+def _parse_with_env(monkeypatch: pytest.MonkeyPatch, **env: str):  # type: ignore[no-untyped-def]
+    """A fresh parse of the DAG file (a new DagBag re-imports it) with `env` set."""
+    from airflow.models import DagBag
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return DagBag(
+        dag_folder=str(DAGS_DIR / "customer_tier_sync.py"),
+        known_pools=_declared_pools() | {"default_pool"},
+    )
+
+
+def test_timeouts_follow_the_environment_at_parse_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    bag = _parse_with_env(
+        monkeypatch,
+        TIER_SYNC_TASK_TIMEOUT_MINUTES="extract_orders=90, sync_batch=45",
+        TIER_SYNC_DAGRUN_TIMEOUT_HOURS="8",
+    )
+    assert bag.import_errors == {}
+    dag = bag.dags[DAG_ID]
+    assert dag.get_task("extract_orders").execution_timeout == timedelta(minutes=90)
+    assert dag.get_task("sync_batch").execution_timeout == timedelta(minutes=45)
+    assert dag.get_task("compute_tiers").execution_timeout == timedelta(minutes=30)  # default kept
+    assert dag.dagrun_timeout == timedelta(hours=8)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TIER_SYNC_DAGRUN_TIMEOUT_HOURS", "soon"),
+        ("TIER_SYNC_DAGRUN_TIMEOUT_HOURS", "0.5"),  # shorter than extract_orders' 60 minutes
+        ("TIER_SYNC_TASK_TIMEOUT_MINUTES", "extract=5"),
+        ("TIER_SYNC_TASK_TIMEOUT_MINUTES", "sync_batch=0"),
+    ],
+)
+def test_a_bad_timeout_setting_fails_the_parse_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    bag = _parse_with_env(monkeypatch, **{name: value})
+    assert DAG_ID not in bag.dags
+    errors = "\n".join(str(e) for e in bag.import_errors.values())
+    assert name in errors, errors
 
 
 def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
