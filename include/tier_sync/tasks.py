@@ -53,11 +53,14 @@ def _client() -> Any:
     return LightspeedClient.from_connection(settings.LIGHTSPEED_CONN_ID)
 
 
-def _translate_auth(exc: BaseException) -> None:
-    from include.tier_sync.lightspeed import LightspeedAuthError
+def _fail_if_permanent(exc: BaseException) -> None:
+    """Fail at once (no retries, the alert goes out now) on what a retry cannot fix: a revoked or
+    unusable token, a connection that may not be used as configured, a feed that loops, a target
+    group deleted in the POS. Protocol errors and timeouts stay retryable."""
+    from include.tier_sync.lightspeed import LightspeedAuthError, LightspeedConfigError, LightspeedFeedError
+    from include.tier_sync.sync.write import GroupDeletedError
 
-    if isinstance(exc, LightspeedAuthError):
-        # A retry cannot fix a revoked or expired token; fail at once so the alert goes out now.
+    if isinstance(exc, LightspeedAuthError | LightspeedConfigError | LightspeedFeedError | GroupDeletedError):
         _fail(str(exc), exc)
 
 
@@ -77,17 +80,23 @@ def extract_task(context: Mapping[str, Any]) -> dict[str, Any]:
     except MalformedRecordError as exc:
         _fail(f"Lightspeed returned malformed data; nothing past the last good page was stored: {exc}", exc)
     except Exception as exc:
-        _translate_auth(exc)
+        _fail_if_permanent(exc)
         raise
     raise AssertionError("unreachable")
 
 
 def compute_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Tiers as of the run; sale amounts that cannot be used fail at once (a retry reads the same)."""
+    from include.tier_sync.clv import AmountOverflowError
     from include.tier_sync.master_csv import compute_tiers
-    from include.tier_sync.store import OrderStore
+    from include.tier_sync.store import MalformedRecordError, OrderStore
 
     paths = run_paths(context)
-    return compute_tiers(OrderStore(paths.store), paths, run_identity(context), settings.load_tier_rules())
+    try:
+        return compute_tiers(OrderStore(paths.store), paths, run_identity(context), settings.load_tier_rules())
+    except (MalformedRecordError, AmountOverflowError) as exc:
+        _fail(f"Sale amounts cannot be used; nothing was published: {exc}", exc)
+    raise AssertionError("unreachable")
 
 
 def validate_task(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,7 +203,7 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     except MassChangeError as exc:
         _fail(f"Circuit breaker: {exc} Nothing was written. Re-trigger with allow_mass_change=true if intended.", exc)
     except Exception as exc:
-        _translate_auth(exc)
+        _fail_if_permanent(exc)
         raise
     raise AssertionError("unreachable")
 
@@ -209,7 +218,7 @@ def sync_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[
         with _client() as client:
             return dict(sync_batch(ref, client, writes_allowed=bool(ref.get("writes_allowed"))))
     except Exception as exc:
-        _translate_auth(exc)
+        _fail_if_permanent(exc)
         raise
 
 

@@ -380,3 +380,34 @@ def test_a_run_dated_in_the_future_fails_at_once_and_the_next_real_run_works(
     assert state == "success", output[-4000:]
     assert json.loads((dep.data_dir / "latest.json").read_text())["as_of"] == "2026-11-25T02:00:00Z"
     assert len(dep.git_log()) == 1 and dep.sync_log()["synced"] is True and dep.writes()
+
+
+def test_a_gateway_answering_some_gets_without_data_never_misplaces_anyone(deployment: Deployment) -> None:
+    """The issue's gateway: a share of GETs come back `200 {"error": ...}` with no `data`.
+
+    It used to read as "end of feed": a partial store, wrong tiers, 137 customers moved into wrong
+    groups, duplicate tier groups, every run green. Now such an answer is a protocol error, retried
+    like a 5xx: after any number of runs every customer is exactly where the oracle puts them and
+    no group exists twice.
+    """
+    dep = deployment
+    before = {cid: dict(c) for cid, c in dep.sim.store.customers.items()}
+    expected = _expected(dep)
+    fault = dep.sim.faults.add(
+        "status",
+        method="GET",
+        path=r"^/(sales|customers|customer_groups)$",
+        status=200,
+        body={"error": "Service Unavailable"},
+        probability=0.3,
+    )
+    for conf in ({"allow_mass_change": True}, {}, {"force_resync": True}):
+        state, output = dep.dags_test(conf=conf)
+        assert state == "success", output[-4000:]
+        live = [g["name"] for g in dep.sim.store.groups.values() if g.get("deleted_at") is None]
+        assert len(live) == len(set(live)), f"a group was duplicated: {sorted(live)}"
+        assert dep.final_group_names() == oracle.expected_final_groups(before, dep.sim.store.groups, expected)
+        rows = dep.master_rows()
+        assert {cid: r["Tier"] for cid, r in rows.items()} == {cid: e.tier for cid, e in expected.items()}
+    assert fault.fired >= 5, f"the gateway fault should have fired on several GETs, fired {fault.fired}"
+    assert dep.sync_log()["api"]["retries"] >= 1
