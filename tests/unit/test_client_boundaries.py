@@ -344,7 +344,10 @@ def test_a_trickled_body_is_cut_off_at_the_request_deadline(sim: Any) -> None:
         client.list_customer_groups()
     elapsed = time.monotonic() - started
     assert elapsed < 10  # cut off near the 1 s deadline, not held for the 30 s+ the server wanted
-    assert "1 s deadline" in str(info.value) and info.value.path == "/customer_groups"
+    # Either bound may trip first (the deadline between reads, or the socket read timeout, which is
+    # capped at the deadline): both are the same LightspeedTimeout.
+    message = str(info.value)
+    assert ("1 s deadline" in message or "Timeout" in message) and info.value.path == "/customer_groups"
     assert isinstance(info.value, LightspeedUnavailable)  # transient: retried like a 5xx
     assert client.stats.requests == 1
 
