@@ -7,9 +7,12 @@ atomic by itself.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -118,3 +121,21 @@ def listdir(url: str) -> list[str]:
 
 def copy(src: str, dst: str) -> None:
     write_bytes(dst, read_bytes(src))
+
+
+@contextlib.contextmanager
+def exclusive_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive flock on the lock file `url` of a local folder (other processes and other
+    open()s in this one wait); on object storage there is no portable lock, so this holds nothing
+    and callers rely on Airflow serialising their task."""
+    if not is_local(url):
+        yield
+        return
+    path = local_path(url)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -18,13 +18,12 @@ Credentials, the choice of remote and the git subprocess are git_remote.py's job
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -124,18 +123,6 @@ def work_dir(paths: RunPaths) -> str:
     return os.path.join(settings.airflow_home(), "tier_sync_git", digest, "work")
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """One export per working copy at a time (parallel runs or backfills share it)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def commit_master(
     paths: RunPaths,
     identity: Mapping[str, Any],
@@ -163,7 +150,8 @@ def commit_master(
     work = work_dir(paths)
     as_of = to_utc(identity.get("as_of") or paths.as_of)
     # The environment first: it refuses an unsafe transport before anything is written.
-    with git_environment(target, auth) as env, _locked(os.path.join(os.path.dirname(work), "work.lock")):
+    # One export per working copy at a time (parallel runs or backfills share it).
+    with git_environment(target, auth) as env, fileio.exclusive_lock(os.path.join(os.path.dirname(work), "work.lock")):
         # git never looks above the working copy's folder (a damaged .git would else send it to an
         # enclosing repository, e.g. the project's own checkout).
         env = {**env, "GIT_CEILING_DIRECTORIES": os.path.dirname(work)}

@@ -24,9 +24,7 @@ every rule that compares runs:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -375,18 +373,9 @@ def publishing(paths: RunPaths) -> Iterator[None]:
         return
     held.add(paths.data_dir)
     try:
-        if not fileio.is_local(paths.data_dir):
-            # Object storage has no portable lock: the DAG's one-at-a-time publish_run task is the lock.
+        # On object storage the DAG's one-at-a-time publish_run task is the lock.
+        with fileio.exclusive_lock(paths.publish_lock):
             yield
-            return
-        lock = fileio.local_path(paths.publish_lock)
-        os.makedirs(os.path.dirname(lock) or ".", exist_ok=True)
-        with open(lock, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
     finally:
         held.discard(paths.data_dir)
 

@@ -19,7 +19,6 @@ Why this shape (docs/contracts.md "The order store"):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import logging
@@ -360,12 +359,7 @@ class OrderStore:
     def _commit_lock(self) -> contextlib.AbstractContextManager[Any]:
         """Serialises commits: an flock on `manifest.lock` of a local store (closing releases it).
         Object storage has no lock in fsspec, so there the check in _commit is optimistic."""
-        if not fileio.is_local(self.root):
-            return contextlib.nullcontext()
-        fileio.makedirs(self.root)
-        lock = open(fileio.join(fileio.local_path(self.root), LOCK_NAME), "a+b")  # noqa: SIM115
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        return lock
+        return fileio.exclusive_lock(fileio.join(self.root, LOCK_NAME))
 
     def _commit(self, manifest: dict[str, Any]) -> None:
         """Compare-and-swap: write `manifest` only while the committed one is the one it was built on."""
