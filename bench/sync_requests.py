@@ -105,7 +105,7 @@ def run_sync(
 
     def client() -> LightspeedClient:
         budget = RateBudget.for_store(sim.base_url, 1, budget_dir, reserve=0) if budget_dir else None
-        return LightspeedClient(sim.base_url, sim.token, budget=budget, backoff_base=0.2)
+        return LightspeedClient(sim.base_url, sim.token, budget=budget, backoff_base=0.2, **sim.CLIENT_OPTIONS)
 
     phases: dict[str, Any] = {}
     c = client()

@@ -65,7 +65,8 @@ def airflow_env(sim_url: str, data_dir: Path) -> dict[str, str]:
                 "conn_type": "http",
                 "host": sim_url,
                 "password": DEMO_TOKEN,
-                "extra": {"registers": 1, "rate_budget_dir": str(DEMO / "rate_budget")},
+                # The simulator speaks plain http; the client refuses that without the opt-in.
+                "extra": {"registers": 1, "rate_budget_dir": str(DEMO / "rate_budget"), "allow_insecure_http": True},
             }
         ),
         AIRFLOW_VAR_TIER_SYNC_DATA_DIR=str(data_dir),

@@ -404,6 +404,7 @@ def load_settings(paths: Paths, env: dict[str, str], settings_file: Path, sim_ur
     conn = dict(conns.get(CONN_ID) or {"conn_type": "http"})
     extra = json.loads(conn.get("extra") or "{}")
     extra["rate_budget_dir"] = str(paths.state / "rate_budget")
+    extra["allow_insecure_http"] = True  # the simulator speaks plain http (testing only)
     conn.update(host=sim_url, password=SIM_TOKEN, extra=json.dumps(extra))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "connections.json"

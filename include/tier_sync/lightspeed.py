@@ -16,8 +16,8 @@ only) and unit-testable with `requests_mock`; Airflow is imported lazily in `fro
 
 What it guarantees (docs/contracts.md, "The client"; API doc "Decisions for this project"):
 - bearer auth; the token (stripped, refused with whitespace or control characters inside) is never
-  logged, never in `repr`, never in an error message; it is never sent over plain http except to
-  a local host (127.0.0.0/8, ::1, localhost) or with the extra `allow_insecure_http: true`;
+  logged, never in `repr`, never in an error message; it is never sent over plain http unless the
+  connection opts in with the extra `allow_insecure_http: true` (a local test server);
   response bodies (customer PII) are never logged: errors name method, path and status only;
 - version-cursor pagination (`iter_pages`) that stops only on an explicit empty `data` page; a
   2xx that is not the endpoint's envelope (a `200 {"error": ...}` from a gateway) is a
@@ -261,7 +261,7 @@ class LightspeedClient(HttpTransport):
         host = API base URL (or empty + extra `domain_prefix`), password = personal token. Extras,
         all optional, strings accepted: `domain_prefix`, `registers`, `page_size`, `timeout`,
         `max_retries`, `rate_budget_dir`, `request_deadline_seconds`, `max_pages`,
-        `allow_insecure_http` (plain http to a host that is not local: testing only).
+        `allow_insecure_http` (plain http, e.g. to the simulator: testing only).
         `overrides` go to the constructor (tests, tuning).
         """
         conn = _get_connection(conn_id)

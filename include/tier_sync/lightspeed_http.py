@@ -17,7 +17,6 @@ object, with one session, one set of counters and one pacer. Stdlib + requests (
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import logging
 import random
@@ -66,7 +65,6 @@ _RETRYABLE_NETWORK_ERRORS: tuple[type[Exception], ...] = (
 )
 # What reading a streamed body can raise (urllib3 wraps socket and http.client errors).
 _BODY_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
 
 
 # -- counters and pacing state ---------------------------------------------------------------------
@@ -187,19 +185,9 @@ def clean_token(token: str | None, conn_id: str) -> str:
     return text
 
 
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost: a server on this machine (the simulator)."""
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_base_url(base_url: str, conn_id: str, *, allow_insecure_http: bool = False) -> str:
-    """The API base URL, refused when the token could leak: plain http to a host that is not local
-    (unless `allow_insecure_http`), credentials, a query or a fragment in it. Messages never echo
+    """The API base URL, refused when the token could leak: plain http (unless the connection opts
+    in with `allow_insecure_http`, for a local test server), credentials, a query or a fragment. Messages never echo
     the URL, only the scheme and host."""
     url = base_url.strip().rstrip("/")
     try:
@@ -216,11 +204,11 @@ def check_base_url(base_url: str, conn_id: str, *, allow_insecure_http: bool = F
             f"{where}: the API base URL must not carry credentials, a query or a fragment; "
             "put the personal token in the connection's password"
         )
-    if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(host):
+    if parts.scheme == "http" and not allow_insecure_http:
         raise LightspeedConfigError(
             f"{where} points at plain http://{host}: the token would travel unencrypted. Use https, or, "
-            "for a local test server only, set the connection extra allow_insecure_http: true "
-            "(plain http to 127.0.0.1, ::1 or localhost is always allowed)"
+            "for a local test server only (such as the project's simulator), set the connection extra "
+            "allow_insecure_http: true"
         )
     return url
 

@@ -104,10 +104,9 @@ def test_end_to_end_under_celery_executor(tmp_path: Path, redis_keys: set[str]) 
             env={
                 "AIRFLOW__CELERY__BROKER_URL": REDIS_URL,
                 "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
-                "AIRFLOW_CONN_LIGHTSPEED_DEFAULT": json.dumps({
-                    "conn_type": "http", "host": sim.base_url, "password": TOKEN,
-                    "extra": {"registers": 1, "rate_budget_dir": str(tmp_path / "rate_budget")},
-                }),
+                "AIRFLOW_CONN_LIGHTSPEED_DEFAULT": json.dumps(
+                    sim.airflow_connection(TOKEN, registers=1, rate_budget_dir=str(tmp_path / "rate_budget"))
+                ),
                 "AIRFLOW_VAR_TIER_SYNC_DATA_DIR": str(data_dir),
             },
         )

@@ -69,12 +69,9 @@ class Deployment:
     def env(self) -> dict[str, str]:
         env = _base_env(self.home)
         env["AIRFLOW_CONN_LIGHTSPEED_DEFAULT"] = json.dumps(
-            {
-                "conn_type": "http",
-                "host": self.sim.base_url,
-                "password": TOKEN,
-                "extra": {"registers": 1, "rate_budget_dir": str(self.home / "rate_budget"), "max_retries": 6},
-            }
+            self.sim.airflow_connection(
+                TOKEN, registers=1, rate_budget_dir=str(self.home / "rate_budget"), max_retries=6
+            )
         )
         env["AIRFLOW_VAR_TIER_SYNC_DATA_DIR"] = str(self.data_dir)
         env.update(self.extra_env)

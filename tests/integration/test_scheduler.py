@@ -215,12 +215,7 @@ def deploy(cluster: AirflowCluster, tmp_path_factory: pytest.TempPathFactory) ->
             pos.install()
             env = {
                 "AIRFLOW_CONN_LIGHTSPEED_DEFAULT": json.dumps(
-                    {
-                        "conn_type": "http",
-                        "host": sim.base_url,
-                        "password": TOKEN,
-                        "extra": {"registers": 1, "rate_budget_dir": str(work / "rate_budget")},
-                    }
+                    sim.airflow_connection(TOKEN, registers=1, rate_budget_dir=str(work / "rate_budget"))
                 ),
                 "AIRFLOW_VAR_TIER_SYNC_DATA_DIR": str(work / "data"),
             }

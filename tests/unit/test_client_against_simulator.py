@@ -42,7 +42,7 @@ def fresh_store(text: str) -> Any:
 def make_client(sim: Any, **kwargs: Any) -> LightspeedClient:
     kwargs.setdefault("backoff_base", 0.01)  # real sleeps, kept tiny
     kwargs.setdefault("timeout", 5.0)
-    return LightspeedClient(sim.base_url, sim.token, **kwargs)
+    return LightspeedClient(sim.base_url, sim.token, **{**sim.CLIENT_OPTIONS, **kwargs})
 
 
 def test_pagination_with_page_cap_reads_every_record(demo_store_json: str) -> None:

@@ -66,7 +66,7 @@ def sim(demo_store_json: str) -> Iterator[Any]:
 def make_client(sim: Any, **kwargs: Any) -> LightspeedClient:
     kwargs.setdefault("backoff_base", 0.01)  # real sleeps, kept tiny
     kwargs.setdefault("timeout", 5.0)
-    return LightspeedClient(sim.base_url, kwargs.pop("token", sim.token), **kwargs)
+    return LightspeedClient(sim.base_url, kwargs.pop("token", sim.token), **{**sim.CLIENT_OPTIONS, **kwargs})
 
 
 def chain(exc: BaseException) -> list[BaseException]:
@@ -267,27 +267,38 @@ def test_errors_carry_method_path_and_status_but_no_query_string(requests_mock: 
     assert "?" not in str(info.value) and "page_size" not in str(info.value)
 
 
-# -- plain http: only to this machine, unless the connection opts in ---------------------------------
+# -- plain http: never, unless the connection opts in (a local test server) -------------------------
 
 
 @pytest.mark.parametrize(
-    "url", ["http://pos.example.com/api/2.0", "http://10.0.0.7:8080/api/2.0", "http://[2001:db8::1]/api/2.0"]
+    "url",
+    [
+        "http://pos.example.com/api/2.0",
+        "http://10.0.0.7:8080/api/2.0",
+        "http://[2001:db8::1]/api/2.0",
+        # This machine too: a proxy or another user's process can listen on a local port.
+        "http://127.0.0.1:9/api/2.0",
+        "http://[::1]:9",
+        "http://localhost:9",
+    ],
 )
-def test_plain_http_to_a_remote_host_is_refused_without_the_opt_in(url: str) -> None:
+def test_plain_http_is_refused_without_the_opt_in(url: str) -> None:
     with pytest.raises(LightspeedConfigError) as info:
         LightspeedClient(url, TOKEN, conn_id="lightspeed_test")
     message = str(info.value)
     assert "'lightspeed_test'" in message and "plain http" in message
     assert "allow_insecure_http: true" in message and TOKEN not in message
     assert LightspeedClient(url, TOKEN, allow_insecure_http=True).base_url == url
-    # Plain http to this machine (a local simulator) needs no opt-in.
-    for local in (
-        "http://127.0.0.1:9/api/2.0",
-        "http://127.8.9.10:9",
-        "http://[::1]:9",
-        "http://localhost:9",
-    ):
-        assert LightspeedClient(local, TOKEN).base_url == local
+
+
+def test_the_opt_in_comes_from_the_connection_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = {"conn_type": "http", "host": "http://127.0.0.1:9/api/2.0", "password": TOKEN}
+    monkeypatch.setenv("AIRFLOW_CONN_LIGHTSPEED_TEST", json.dumps(conn))
+    with pytest.raises(LightspeedConfigError, match="allow_insecure_http: true"):
+        LightspeedClient.from_connection("lightspeed_test")
+    conn["extra"] = {"allow_insecure_http": "true"}
+    monkeypatch.setenv("AIRFLOW_CONN_LIGHTSPEED_TEST", json.dumps(conn))
+    assert LightspeedClient.from_connection("lightspeed_test").base_url == conn["host"]
 
 
 @pytest.mark.parametrize(

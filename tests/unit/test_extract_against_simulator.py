@@ -34,7 +34,7 @@ def demo_store_json() -> str:
 def make_client(sim: Any, **kwargs: Any) -> LightspeedClient:
     kwargs.setdefault("backoff_base", 0.01)
     kwargs.setdefault("timeout", 5.0)
-    return LightspeedClient(sim.base_url, sim.token, **kwargs)
+    return LightspeedClient(sim.base_url, sim.token, **{**sim.CLIENT_OPTIONS, **kwargs})
 
 
 def newest(df: pd.DataFrame) -> pd.DataFrame:

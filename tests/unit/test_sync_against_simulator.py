@@ -86,7 +86,7 @@ class Run:
 def client_for(sim: SimServer, **kw: Any) -> LightspeedClient:
     kw.setdefault("backoff_base", 0.01)
     kw.setdefault("rate_window_seconds", sim.rate_limiter.window_seconds)  # pace on the sim's window
-    return LightspeedClient(sim.base_url, sim.token, **kw)
+    return LightspeedClient(sim.base_url, sim.token, **{**sim.CLIENT_OPTIONS, **kw})
 
 
 def extract_customers(client: LightspeedClient) -> tuple[pd.DataFrame, int]:

@@ -71,7 +71,7 @@ class ShortListingClient(LightspeedClient):
 
 def client_for(sim: SimServer, **kw: Any) -> LightspeedClient:
     kw.setdefault("backoff_base", 0.01)
-    return LightspeedClient(sim.base_url, sim.token, **kw)
+    return LightspeedClient(sim.base_url, sim.token, **{**sim.CLIENT_OPTIONS, **kw})
 
 
 def writes(sim: SimServer) -> int:
@@ -149,7 +149,12 @@ def test_a_creation_listing_that_comes_back_short_fails_the_plan_before_any_writ
     names = live_group_names(demo)
     # The plan's listing is whole; the one read again before creating "Seed" comes back empty.
     client = ShortListingClient(
-        demo.base_url, demo.token, backoff_base=0.01, short_reads=lambda n: n == 2, keep=lambda g: False
+        demo.base_url,
+        demo.token,
+        backoff_base=0.01,
+        short_reads=lambda n: n == 2,
+        keep=lambda g: False,
+        **demo.CLIENT_OPTIONS,
     )
     with pytest.raises(GroupListingError, match="only in the first read"):
         plan_with(client, demo, tmp_path)
@@ -179,6 +184,7 @@ def test_a_listing_without_the_default_group_creates_nothing(demo: SimServer, tm
         backoff_base=0.01,
         short_reads=lambda n: True,
         keep=lambda g: g.get("group_id") != "1111111111",  # the tier groups are all there
+        **demo.CLIENT_OPTIONS,
     )
     with pytest.raises(GroupListingError, match=re.escape(DEFAULT_MISSING)):
         plan_with(client, demo, tmp_path)

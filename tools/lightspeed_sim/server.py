@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from tools.lightspeed_sim.faults import Fault, FaultRegistry, RateLimiter
@@ -157,6 +157,19 @@ class SimServer:
     def base_url(self) -> str:
         """API base URL, what the `lightspeed_default` connection's host must be."""
         return f"{self.url}{API_PREFIX}"
+
+    #: What a client of this server needs besides URL and token: the simulator speaks plain http,
+    #: which the client refuses unless the connection opts in (it would send the token in clear).
+    CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {"allow_insecure_http": True}
+
+    def airflow_connection(self, token: str, **extra: Any) -> dict[str, Any]:
+        """The `lightspeed_default` connection (Airflow JSON form) that points at this simulator."""
+        return {
+            "conn_type": "http",
+            "host": self.base_url,
+            "password": token,
+            "extra": {**self.CLIENT_OPTIONS, **extra},
+        }
 
     def start(self) -> SimServer:
         """Serve in a daemon thread; returns self."""
