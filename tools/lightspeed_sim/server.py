@@ -497,6 +497,19 @@ _HTML_PAGES = {
 }
 
 
+def _pause(stopping: threading.Event, seconds: float) -> bool:
+    """Wait `seconds` or until `stopping` is set (then True). Sleeps in short steps instead of
+    `stopping.wait(seconds)`: under libfaketime (make test-calendar) a timed Event.wait waits on a
+    kernel clock that faketime does not move, i.e. for the faked offset (a year), not `seconds`."""
+    deadline = time.monotonic() + max(0.0, seconds)
+    while not stopping.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.01))
+    return True
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -587,7 +600,7 @@ class _Handler(BaseHTTPRequestHandler):
         hangs up or the server stops, leaving the body incomplete."""
         stopping = self.server.sim.stopping
         for start in range(0, len(payload), fault.chunk_bytes):
-            if stopping.wait(max(0.0, fault.seconds)):
+            if _pause(stopping, fault.seconds):
                 self.close_connection = True
                 return
             try:
