@@ -84,7 +84,7 @@ def summarise(data_dir: Path, label: str) -> dict[str, Any]:
     log_file = data_dir / SYNC_LOG_FILE
     print(f"\n== {label}")
     if master.exists():
-        with master.open(newline="", encoding="utf-8") as fh:
+        with master.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
         tiers = Counter(r["Tier"] for r in rows)
         print(f"master CSV: {master.relative_to(REPO)} ({len(rows)} customers, as of {rows[0]['Last Updated'] if rows else '-'})")

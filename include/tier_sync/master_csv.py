@@ -9,8 +9,6 @@ copies are only replaced by the latest run, so a backfill never rolls them back.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from include.tier_sync import fileio, ledger
+from include.tier_sync import fileio, ledger, spreadsheet
 from include.tier_sync.clv import I64, NAT, QUARANTINED_ATTR, US_PER_DAY, as_of_us, compute_customer_metrics
 from include.tier_sync.ledger import run_key
 from include.tier_sync.rules import ALL_TIERS, NO_TIER, TierRules
@@ -51,6 +49,15 @@ MASTER_COLUMNS: tuple[str, ...] = (
 CHANGES_COLUMNS: tuple[str, ...] = ("Customer ID", "From", "To", "as_of")
 HISTORY_COLUMNS: tuple[str, ...] = ("as_of", "run_id", "tier", "count")
 _TEXT_COLUMNS = ("Customer ID", "Customer Code", "Name", "Email", "Phone")
+# Columns written as plain numbers (never "'"-prefixed, e.g. a refund's -12.50); "count" is tier_history's.
+NUMERIC_COLUMNS: tuple[str, ...] = (
+    "Lifetime Value",
+    "Order Count",
+    "Avg Order Value",
+    "Days Since Last Order",
+    "Purchases Last 30 Days",
+    "count",
+)
 
 
 class StoreReader(Protocol):
@@ -172,21 +179,15 @@ def tier_breakdown(master: pd.DataFrame) -> dict[str, int]:
 
 
 def to_csv_bytes(df: pd.DataFrame) -> bytes:
-    """UTF-8, minimal quoting, "\\n" rows: the same frame always gives the same bytes."""
-    text = df.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL, encoding="utf-8")
-    return text.encode("utf-8")
+    """Spreadsheet-safe (spreadsheet.py: text cells that would evaluate get a leading "'", numbers
+    stay plain), UTF-8 with BOM, minimal quoting, "\\n" rows: the same frame always gives the same bytes."""
+    return spreadsheet.to_safe_csv_bytes(df, numeric_columns=NUMERIC_COLUMNS)
 
 
 def read_csv_str(url: str, usecols: list[str] | None = None) -> pd.DataFrame:
-    """A CSV we wrote, every column as str, "None"/"" kept literally."""
-    return pd.read_csv(
-        io.BytesIO(fileio.read_bytes(url)),
-        dtype=str,
-        keep_default_na=False,
-        na_filter=False,
-        usecols=usecols,
-        encoding="utf-8",
-    )
+    """A CSV we wrote, every column as str, "None"/"" kept literally, every cell its raw value
+    (spreadsheet.raw_value: the "'" that neutralised a formula-like cell removed)."""
+    return spreadsheet.read_raw_csv(fileio.read_bytes(url), usecols=usecols)
 
 
 def previous_run_master(paths: RunPaths) -> str | None:

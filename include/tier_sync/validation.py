@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from include.tier_sync import fileio, ledger
+from include.tier_sync import fileio, ledger, spreadsheet
 from include.tier_sync.money import format_cents
 from include.tier_sync.rules import NO_TIER, TierRules, assign_tiers
 from include.tier_sync.runtime import iso
@@ -44,6 +44,7 @@ from include.tier_sync.validation_suite import (
     PURCHASES_30D,
     REQUIRED_COLUMNS,
     RULE_TIER,
+    TEXT_CELLS_INERT,
     TIER,
     TIER_CHANGED,
     _import_gx,
@@ -110,7 +111,8 @@ def read_master(url: str) -> pd.DataFrame:
     data = fileio.read_bytes(url)
     if not data.strip():
         return pd.DataFrame()
-    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    # As stored (no raw_value): the gate checks what a spreadsheet would see.
+    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding=spreadsheet.ENCODING)
 
 
 def _rule_tiers(
@@ -166,6 +168,9 @@ def prepare_frame(
     )
     positive = frame[LTV_CENTS] > 0
     frame[HAS_ORDERS_FOR_VALUE] = (~positive) | (frame[ORDERS_INT] >= 1) | frame[ORDERS_INT].isna()
+    # Only a per-row flag enters the batch (no names, emails or phones): False where a cell would evaluate.
+    unsafe = {row for row, _ in spreadsheet.unsafe_cells(raw.reset_index(drop=True))}
+    frame[TEXT_CELLS_INERT] = pd.Series([i not in unsafe for i in range(n)], index=index, dtype=bool)
     if previous_tiers is not None:
         # A customer new since the baseline had no tier before ("None").
         before = ids.map(lambda cid: previous_tiers.get(cid, NO_TIER))

@@ -45,6 +45,7 @@ RULE_TIER = "rule_tier"
 TIER_CHANGED = "tier_changed"
 HAS_ORDERS_FOR_VALUE = "orders_behind_positive_value"
 EMAIL_SHARED_BY = "email_shared_by"
+TEXT_CELLS_INERT = "text_cells_inert"  # no cell of the row starts with = + - @ TAB CR LF (spreadsheet.py)
 
 # The check name of the Lifetime Value bound (its failure details name the customers).
 LTV_PLAUSIBLE = "lifetime_value_plausible"
@@ -181,6 +182,15 @@ def build_suite(
             value_set=[True],
             description="A positive Lifetime Value comes with at least one order.",
             meta=_meta("orders_behind_positive_value", ORDER_COUNT),
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column=TEXT_CELLS_INERT,
+            value_set=[True],
+            description=(
+                "No text cell would evaluate as a spreadsheet formula (starts with = + - @ TAB or CR "
+                "without the neutralising ' of spreadsheet.neutralise)."
+            ),
+            meta=_meta("text_cells_spreadsheet_safe", None),
         ),
         gxe.ExpectColumnPairValuesToBeEqual(
             column_A=TIER,

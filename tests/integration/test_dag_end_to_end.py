@@ -98,7 +98,7 @@ class Deployment:
         return [r for r in self.sim.requests if r.method in WRITES]
 
     def master_rows(self) -> dict[str, dict[str, str]]:
-        with (self.data_dir / "customer_analytics_master.csv").open(newline="", encoding="utf-8") as fh:
+        with (self.data_dir / "customer_analytics_master.csv").open(newline="", encoding="utf-8-sig") as fh:
             return {r["Customer ID"]: r for r in csv.DictReader(fh)}
 
     def sync_log(self) -> dict[str, Any]:

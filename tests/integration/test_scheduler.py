@@ -340,7 +340,7 @@ def add_sale(store: SimStore, customer_id: str, when: datetime, amount: str) -> 
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh))
 
 

@@ -303,7 +303,7 @@ def in_doc(expr: str, doc: str = FRAME_DOC) -> str:
 
 
 def read_master(data_dir: Path) -> list[dict[str, str]]:
-    with (data_dir / "customer_analytics_master.csv").open(newline="", encoding="utf-8") as fh:
+    with (data_dir / "customer_analytics_master.csv").open(newline="", encoding="utf-8-sig") as fh:
         return list(csv.DictReader(fh))
 
 

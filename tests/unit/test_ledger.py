@@ -35,7 +35,7 @@ def good_store(n: int = 40) -> FakeStore:
 
 
 def history_days(data_dir: Path) -> list[str]:
-    with (data_dir / ledger.HISTORY_FILE).open(newline="", encoding="utf-8") as fh:
+    with (data_dir / ledger.HISTORY_FILE).open(newline="", encoding="utf-8-sig") as fh:
         return sorted({row["as_of"] for row in csv.DictReader(fh)})
 
 

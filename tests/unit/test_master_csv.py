@@ -25,6 +25,7 @@ from include.tier_sync.master_csv import (
     publish_run,
 )
 from include.tier_sync.runtime import iso
+from include.tier_sync.spreadsheet import raw_value
 from tests.unit.test_clv import AS_OF, DAY, RULES, customer, customers_df, sale, sales_df
 
 pytestmark = pytest.mark.unit
@@ -73,9 +74,9 @@ def run(
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """Parse with the csv module (not pandas) to prove the quoting round-trips."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    """Parse with the csv module (not pandas) to prove the quoting round-trips; raw values (spreadsheet.raw_value)."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        return [{k: raw_value(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def by_id(path: str | Path) -> dict[str, dict[str, str]]:
@@ -107,7 +108,7 @@ def test_money_formatting_and_half_up_average() -> None:
 
 def test_master_columns_and_values(tmp_path: Path) -> None:
     out = run(tmp_path, base_store())
-    text = Path(out["master_csv"]).read_text(encoding="utf-8")
+    text = Path(out["master_csv"]).read_text(encoding="utf-8-sig")
     assert text.splitlines()[0] == EXPECTED_HEADER
     assert tuple(EXPECTED_HEADER.split(",")) == MASTER_COLUMNS
     rows = by_id(out["master_csv"])
@@ -149,7 +150,7 @@ def test_master_columns_and_values(tmp_path: Path) -> None:
 
 def test_none_tier_survives_pandas_reading_with_keep_default_na(tmp_path: Path) -> None:
     out = run(tmp_path, base_store())
-    df = pd.read_csv(out["master_csv"], dtype=str, keep_default_na=False)
+    df = pd.read_csv(out["master_csv"], dtype=str, keep_default_na=False, encoding="utf-8-sig")
     assert df.set_index("Customer ID").loc["c3", "Tier"] == "None"
 
 
@@ -355,7 +356,7 @@ def test_rerun_is_byte_identical_whatever_happened_after_as_of(tmp_path: Path) -
     assert (Path(out2["run_dir"]) / "tier_changes.csv").read_bytes() == changes1
     hist = read_rows(tmp_path / "tier_history.csv")
     assert [r for r in hist if r["as_of"] == iso(AS_OF)] == list(
-        csv.DictReader(io.StringIO(history1.decode()))
+        csv.DictReader(io.StringIO(history1.decode("utf-8-sig")))
     )
 
 
