@@ -386,7 +386,7 @@ def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
     assert summary["validation"]["evaluated"] == validation["evaluated"]
 
     history = client.get("/loyalty-tiers/api/history").json()
-    with (demo_data / "tier_history.csv").open() as fh:
+    with (demo_data / "tier_history.csv").open(encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     last = history["points"][-1]
     assert last["as_of"] == rows[-1]["as_of"]
@@ -394,7 +394,7 @@ def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
 
     moves = client.get("/loyalty-tiers/api/moves").json()["runs"]
     key = sorted(p.name for p in (demo_data / "runs").iterdir())[-1]
-    with (demo_data / "runs" / key / "tier_changes.csv").open() as fh:
+    with (demo_data / "runs" / key / "tier_changes.csv").open(encoding="utf-8-sig") as fh:
         changes = list(csv.DictReader(fh))
     assert moves[-1]["key"] == key
     assert moves[-1]["changes"] == len(changes)
