@@ -25,11 +25,12 @@ if TYPE_CHECKING:  # pandas is imported inside the functions: validation.py must
 TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\n")
 ENCODING = "utf-8-sig"
 BOM = "\ufeff".encode()
-_NEEDS_PREFIX = re.compile(r"^'*[=+\-@\t\r\n]")
-_PREFIXED = re.compile(r"^'+[=+\-@\t\r\n]")
+_TRIGGER_CLASS = "[" + re.escape("".join(TRIGGERS)) + "]"
+_NEEDS_PREFIX = re.compile("^'*" + _TRIGGER_CLASS)
+_PREFIXED = re.compile("^'+" + _TRIGGER_CLASS)
+# What a spreadsheet would evaluate: a cell starting with a trigger (the gate's check).
+_UNSAFE_CELL = re.compile("^" + _TRIGGER_CLASS)
 _PLAIN_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
-# What a spreadsheet would evaluate: a cell starting with a trigger (the gate's regex).
-UNSAFE_CELL_REGEX = r"^[=+\-@\t\r\n]"
 
 
 def neutralise(text: Any) -> Any:
@@ -104,6 +105,6 @@ def unsafe_cells(source: pd.DataFrame | str | bytes, columns: Iterable[str] | No
     found: list[tuple[int, str]] = []
     for name in names:
         for i, cell in enumerate(df[name].tolist()):
-            if isinstance(cell, str) and re.match(UNSAFE_CELL_REGEX, cell) and not _PLAIN_NUMBER.match(cell):
+            if isinstance(cell, str) and _UNSAFE_CELL.match(cell) and not _PLAIN_NUMBER.match(cell):
                 found.append((i, name))
     return sorted(found)
