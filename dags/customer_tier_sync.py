@@ -46,7 +46,7 @@ from include.tier_sync import settings
 from include.tier_sync.alerts import failure_notifier
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
 
-DAG_ID = "customer_tier_sync"
+DAG_ID = settings.DAG_ID
 
 # Time bounds (settings.py: defaults, env overrides; the environment only, never a Variable or the
 # DB at parse time). A hung task fails on its timeout and a stuck run on dagrun_timeout, instead of

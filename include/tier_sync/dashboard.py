@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from include.tier_sync import fileio, ledger
+from include.tier_sync.customer_access import mask_email
 from include.tier_sync.dashboard_at_risk import STORE_BATCH_ROWS as STORE_BATCH_ROWS
 from include.tier_sync.dashboard_at_risk import at_risk_all, parse_iso
 from include.tier_sync.dashboard_cache import LISTING_TTL_S as LISTING_TTL_S
@@ -252,7 +253,8 @@ def at_risk(
 
 
 def search(data_dir: str, query: str, limit: int = 10, rules: TierRules | None = None) -> dict[str, Any]:
-    """Customers whose email, code or id is `query` (case-insensitive); prefix matches if none is exact."""
+    """Customers whose email, code or id is `query` (case-insensitive); prefix matches if none is
+    exact. Emails come masked (customer_access.mask_email): `customer` is the one full record."""
     q = (query or "").strip().lower()
     limit = max(1, min(int(limit), MAX_SEARCH))
     master = load_master(data_dir)
@@ -262,9 +264,8 @@ def search(data_dir: str, query: str, limit: int = 10, rules: TierRules | None =
     if not len(hits):
         return {"query": query, "match": "none", "total": 0, "customers": []}
     customers = [customer_row(master, int(r)) for r in hits[:limit]]
-    if match != "exact":  # a partial query lists candidates: no emails until one is picked
-        for c in customers:
-            c.pop("email", None)
+    for c in customers:  # a list of candidates: the full address is on the customer's own view
+        c["email"] = mask_email(c["email"])
     if len(customers) <= 3:  # few enough to show each one's history and drop date
         risk = {e["customer_id"]: e for e in at_risk_all(data_dir, rules or TierRules())[0]}
         for c in customers:

@@ -21,6 +21,7 @@ from include.tier_sync.rules import TierRules, describe
 
 log = logging.getLogger(__name__)
 
+DAG_ID = "customer_tier_sync"
 LIGHTSPEED_CONN_ID = "lightspeed_default"
 GIT_CONN_ID = "git_default"
 SYNC_POOL = "lightspeed_api"
@@ -30,6 +31,7 @@ VAR_DATA_DIR = "tier_sync_data_dir"
 VAR_GIT_REMOTE = "tier_sync_git_remote"
 VAR_GIT_BRANCH = "tier_sync_git_branch"
 VAR_RULES = "tier_sync_rules"
+VAR_CUSTOMER_LOOKUPS = "tier_sync_customer_lookups_per_hour"
 
 
 def variable(name: str, default: str | None = None) -> str | None:
@@ -175,6 +177,26 @@ def git_remote_variable() -> str | None:
 
 def git_branch() -> str:
     return variable(VAR_GIT_BRANCH) or "main"
+
+
+# -- the Loyalty tiers page ------------------------------------------------------------------------------
+
+CUSTOMER_LOOKUPS_PER_HOUR = 120  # one a minute for a whole shift, with room for a busy hour
+MAX_CUSTOMER_LOOKUPS_PER_HOUR = 10_000
+
+
+def check_customer_lookups_per_hour(raw: str | None) -> int:
+    """Each user's limit of per-customer lookups per hour on the page (unset: the default); anything
+    but a whole number from 1 to MAX_CUSTOMER_LOOKUPS_PER_HOUR is refused, never read as "no limit"."""
+    if raw is None or not raw.strip():
+        return CUSTOMER_LOOKUPS_PER_HOUR
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CUSTOMER_LOOKUPS_PER_HOUR:
+        raise ValueError(
+            f"Variable {VAR_CUSTOMER_LOOKUPS} must be a whole number of lookups per user per hour "
+            f"from 1 to {MAX_CUSTOMER_LOOKUPS_PER_HOUR}, got {text[:40]!r}"
+        )
+    return int(text)
 
 
 # -- time bounds ---------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ from `POST /auth/token`, resolved by Airflow's `get_user` and checked with the a
 Airflow modules are imported inside the dependency so that loading the plugin stays cheap in
 processes that never serve it.
 
+Aggregates also need read access to the DAG; per-customer data (search, one customer, names in
+the at-risk list) needs its edit permission, and every such request is audited and rate-limited
+per user (access.py; the policy in include/tier_sync/customer_access.py).
+
 The app only reads files the pipeline wrote (include/tier_sync/dashboard.py) and returns
 aggregates, a page of a list, or search hits - never the whole master CSV.
 """
@@ -24,6 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from include.tier_sync import dashboard
+from include.tier_sync.customer_access import DENIED_MESSAGE, PERMISSION
+from loyalty_tiers.access import CustomerLookup, can_read_dag, can_view_customers, customer_lookup
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +51,20 @@ async def require_user(
     user = await get_user(request=request, _oauth_token=None, bearer_credentials=credentials)
     if not get_auth_manager().is_authorized_view(access_view=AccessView.WEBSITE, user=user):
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Forbidden")
+    if not can_read_dag(user):
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="The page needs read access to the DAG")
     return user
 
 
 User = Annotated[Any, Depends(require_user)]
+
+
+def _search_lookup(request: Request, user: User) -> CustomerLookup:
+    return customer_lookup(request, user, "search")
+
+
+def _detail_lookup(request: Request, user: User) -> CustomerLookup:
+    return customer_lookup(request, user, "customer")
 
 
 # Data Docs are HTML that Great Expectations rendered from customer data, served on the Airflow
@@ -122,9 +138,15 @@ _warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loyalty-tiers-wa
 
 
 @app.get("/api/summary")
-def api_summary(_user: User) -> JSONResponse:
+def api_summary(user: User) -> JSONResponse:
     data_dir = _data_dir()
     payload = dashboard.summary(data_dir)
+    allowed = can_view_customers(user)
+    payload["access"] = {
+        "customers": allowed,
+        "permission": PERMISSION,
+        "message": None if allowed else DENIED_MESSAGE,
+    }
     if payload["has_master"]:
         # The at-risk dates read the order store (seconds at 200k customers): start them now, in
         # the background, while the browser renders the summary; later calls hit the cache.
@@ -144,30 +166,42 @@ def api_moves(_user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 60) -> 
 
 @app.get("/api/at-risk")
 def api_at_risk(
-    _user: User,
+    request: Request,
+    user: User,
     within_days: Annotated[int, Query(ge=0, le=3650)] = 30,
     limit: Annotated[int, Query(ge=1, le=dashboard.MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JSONResponse:
-    return _json(
-        dashboard.at_risk(
-            _data_dir(), dashboard.resolve_rules(), within_days=within_days, limit=limit, offset=offset
-        )
+    """The counts for everyone who may read the DAG; the names only with the customer permission
+    (a lookup of the customers on this page: audited and counted)."""
+    lookup = customer_lookup(request, user, "at_risk") if can_view_customers(user) else None
+    payload = dashboard.at_risk(
+        _data_dir(), dashboard.resolve_rules(), within_days=within_days, limit=limit, offset=offset
     )
+    payload["customers_visible"] = lookup is not None
+    if lookup is None:
+        payload["customers"] = []
+    elif payload["customers"]:
+        lookup.record("at_risk", [c["customer_id"] for c in payload["customers"]])
+    return _json(payload)
 
 
 @app.get("/api/search")
 def api_search(
-    _user: User,
+    lookup: Annotated[CustomerLookup, Depends(_search_lookup)],
     q: Annotated[str, Query(max_length=200)] = "",
     limit: Annotated[int, Query(ge=1, le=dashboard.MAX_SEARCH)] = 10,
 ) -> JSONResponse:
-    return _json(dashboard.search(_data_dir(), q, limit=limit, rules=dashboard.resolve_rules()))
+    """Candidates, emails masked: the full record is the customer's own view (/api/customers/{id})."""
+    found = dashboard.search(_data_dir(), q, limit=limit, rules=dashboard.resolve_rules())
+    lookup.record("search", [c["customer_id"] for c in found["customers"]], total=found["total"])
+    return _json(found)
 
 
 @app.get("/api/customers/{customer_id}")
-def api_customer(customer_id: str, _user: User) -> JSONResponse:
+def api_customer(customer_id: str, lookup: Annotated[CustomerLookup, Depends(_detail_lookup)]) -> JSONResponse:
     found = dashboard.customer(_data_dir(), customer_id, rules=dashboard.resolve_rules())
+    lookup.record("customer", [customer_id] if found is not None else [], total=0 if found is None else 1)
     if found is None:
         raise HTTPException(status_code=404, detail="No such customer in the latest master CSV")
     return _json(found)

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,8 @@ ARTIFACTS = REPO / "test-artifacts" / "ui_plugin"
 BIN = Path(sys.executable).parent
 ADMIN = "admin"
 VIEWER = "viewer"
+CLERK = "clerk"  # SimpleAuthManager's User role: may edit the DAG, so may see customers
+LOOKUP_LIMIT = 25  # tier_sync_customer_lookups_per_hour on this server: the clerk's test uses it up
 
 
 def free_port() -> int:
@@ -97,7 +100,7 @@ def airflow_env(home: Path, data_dir: Path | None) -> dict[str, str]:
         AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),  # empty: this server only serves the UI
         AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{ADMIN}:admin,{VIEWER}:viewer",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{ADMIN}:admin,{VIEWER}:viewer,{CLERK}:user",
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "passwords.json"),
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
         AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
@@ -113,19 +116,18 @@ def api_server(data_dir: Path | None, home: Path) -> Iterator[Server]:
     """`airflow api-server` on a free port; the data dir is an Airflow Variable in its DB."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "dags").mkdir(exist_ok=True)
-    passwords = {ADMIN: secrets.token_urlsafe(12), VIEWER: secrets.token_urlsafe(12)}
+    passwords = {user: secrets.token_urlsafe(12) for user in (ADMIN, VIEWER, CLERK)}
     (home / "passwords.json").write_text(json.dumps(passwords))
     env = airflow_env(home, data_dir)
     airflow = str(BIN / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+    variables = {"tier_sync_customer_lookups_per_hour": str(LOOKUP_LIMIT)}
     if data_dir is not None:
+        variables["tier_sync_data_dir"] = str(data_dir)
+    for name, value in variables.items():
         setvar = subprocess.run(
-            [airflow, "variables", "set", "tier_sync_data_dir", str(data_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            [airflow, "variables", "set", name, value], env=env, capture_output=True, text=True, timeout=120
         )
         assert setvar.returncode == 0, setvar.stderr[-2000:]
     port = free_port()
@@ -400,7 +402,14 @@ def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
     assert moves[-1]["changes"] == len(changes)
     assert moves[-1]["new"] == sum(1 for c in changes if c["From"] == "")
 
+    # The viewer sees how many are at risk; who they are, and search, is the customer permission's.
+    viewer_risk = client.get("/loyalty-tiers/api/at-risk", params={"limit": 200}).json()
+    client = httpx.Client(
+        base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {server.token(ADMIN)}"}
+    )
     risk = client.get("/loyalty-tiers/api/at-risk", params={"limit": 200}).json()
+    assert viewer_risk["total"] == risk["total"] and viewer_risk["by_days_left"] == risk["by_days_left"]
+    assert viewer_risk["customers"] == [] and viewer_risk["customers_visible"] is False
     master = read_master(demo_data)
     expected = {
         r["Customer ID"]
@@ -434,6 +443,86 @@ def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
     plugins = client.get("/api/v2/plugins").json()["plugins"]
     ours = next(p for p in plugins if p["name"] == "loyalty_tiers")
     assert ours["external_views"][0]["url_route"] == "loyalty-tiers"
+
+
+def client_of(server: Server, user: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {server.token(user)}"}
+    )
+
+
+def audit_rows(server: Server, event: str, owner: str) -> list[dict[str, Any]]:
+    """Airflow's own audit log: its `log` table in this server's metadata DB. (Its REST API,
+    /api/v2/eventLogs, shows a DAG's rows only once the DAG is parsed, which this UI-only server's
+    empty dags folder never does.)"""
+    with sqlite3.connect(server.home / "airflow.db") as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute(
+            "SELECT dttm AS \"when\", dag_id, event, owner, extra FROM log WHERE event = ? AND owner = ? ORDER BY id",
+            (event, owner),
+        ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def test_customer_data_by_role(server: Server, demo_data: Path) -> None:
+    master = read_master(demo_data)
+    someone = next(r for r in master if r["Email"])
+    viewer, admin = client_of(server, VIEWER), client_of(server, ADMIN)
+
+    # A Viewer: aggregates yes, any one customer no (and the attempt is on record).
+    denied_before = len(audit_rows(server, "loyalty_customers.denied", VIEWER))
+    assert viewer.get("/loyalty-tiers/api/summary").json()["access"]["customers"] is False
+    for path, params in (
+        ("/loyalty-tiers/api/search", {"q": someone["Email"]}),
+        (f"/loyalty-tiers/api/customers/{someone['Customer ID']}", {}),
+    ):
+        resp = viewer.get(path, params=params)
+        assert resp.status_code == 403, (path, resp.text[:300])
+        assert "edit on the DAG customer_tier_sync" in resp.json()["detail"]
+        assert someone["Email"] not in resp.text and someone["Name"] not in resp.text
+    denied = audit_rows(server, "loyalty_customers.denied", VIEWER)[denied_before:]
+    assert [json.loads(r["extra"])["action"] for r in denied] == ["search", "customer"]
+
+    # An Admin: search lists candidates with masked emails; the customer's own view has it in full.
+    assert admin.get("/loyalty-tiers/api/summary").json()["access"]["customers"] is True
+    before = len(audit_rows(server, "loyalty_customers.lookup", ADMIN))
+    prefix = someone["Customer Code"][:-1]
+    listed = admin.get("/loyalty-tiers/api/search", params={"q": prefix, "limit": 25}).json()
+    assert listed["total"] >= 1
+    by_id = {r["Customer ID"]: r for r in master}
+    for c in listed["customers"]:
+        full = by_id[c["customer_id"]]["Email"]
+        assert "•••" in c["email"] or not full
+        assert c["email"] != full or not full
+    detail = admin.get(f"/loyalty-tiers/api/customers/{someone['Customer ID']}").json()
+    assert detail["email"] == someone["Email"]
+    rows = audit_rows(server, "loyalty_customers.lookup", ADMIN)[before:]
+    assert [json.loads(r["extra"])["action"] for r in rows] == ["search", "customer"]
+    search_row, detail_row = (json.loads(r["extra"]) for r in rows)
+    assert search_row["customer_ids"] == [c["customer_id"] for c in listed["customers"]]
+    assert detail_row["customer_ids"] == [someone["Customer ID"]] and detail_row["client"] == "127.0.0.1"
+    assert all(r["dag_id"] == "customer_tier_sync" and r["when"] for r in rows)
+    # What a Viewer may read of the audit log holds no contact data.
+    assert all(someone["Email"] not in r["extra"] and prefix not in r["extra"] for r in rows)
+
+
+def test_customer_lookups_are_limited_per_user(server: Server, demo_data: Path) -> None:
+    clerk = client_of(server, CLERK)
+    someone = read_master(demo_data)[0]
+    path = f"/loyalty-tiers/api/customers/{someone['Customer ID']}"
+    answered = len(audit_rows(server, "loyalty_customers.lookup", CLERK))
+    for _ in range(LOOKUP_LIMIT - answered):
+        assert clerk.get(path).status_code == 200
+    refused = clerk.get(path)
+    assert refused.status_code == 429, refused.text[:300]
+    assert int(refused.headers["retry-after"]) > 0 and "25 per hour" in refused.json()["detail"]
+    assert someone["Name"] not in refused.text
+    assert clerk.get("/loyalty-tiers/api/search", params={"q": someone["Customer Code"]}).status_code == 429
+    assert clerk.get("/loyalty-tiers/api/summary").status_code == 200  # aggregates are not limited
+    assert len(audit_rows(server, "loyalty_customers.lookup", CLERK)) == LOOKUP_LIMIT
+    assert len(audit_rows(server, "loyalty_customers.rate_limited", CLERK)) == 2
+    # The limit is the clerk's, not everyone's.
+    assert client_of(server, ADMIN).get(path).status_code == 200
 
 
 def test_empty_state(workdir: Path) -> None:
@@ -545,8 +634,64 @@ def test_page_in_the_airflow_ui(server: Server, demo_data: Path) -> None:
         assert (
             browser.eval(in_doc("d.querySelectorAll('#customer-detail .tier-history tbody tr').length")) >= 1
         )
+        assert browser.eval(in_doc("d.getElementById('customer-detail').innerText")).count(someone["Email"]) == (
+            1 if someone["Email"] else 0
+        )  # the customer's own view: the full address
         browser.eval(in_doc("d.getElementById('customer-detail').scrollIntoView()"))
         time.sleep(0.5)
         browser.screenshot(ARTIFACTS / "loyalty_tiers_search.png")
+
+        # A prefix lists candidates, every email masked.
+        browser.eval(in_doc("(d.getElementById('search-q').value = '', d.getElementById('search-q').focus())"))
+        browser.send("Input.insertText", text=someone["Customer Code"][:3])
+        browser.eval(in_doc("d.getElementById('search-form').requestSubmit()"))
+        browser.wait_for(in_doc("!!d.getElementById('search-table')"), what="the list of candidates")
+        shown = browser.eval(
+            in_doc("[...d.querySelectorAll('#search-table .masked-email')].map(e => e.innerText)")
+        )
+        assert len(shown) >= 2 and all("•••@" in e for e in shown), shown
+        emails = {r["Email"] for r in master if r["Email"]}
+        table_text = browser.eval(in_doc("d.getElementById('search-table').innerText"))
+        assert not any(e in table_text for e in emails)
+    finally:
+        browser.close()
+
+
+def test_page_for_a_viewer(server: Server, demo_data: Path) -> None:
+    """A Viewer logs in: the counts are there, the customers are not, and the page says why."""
+    binary = ensure_chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed and tools/install_chromium.sh could not install it")
+    browser = Browser(binary, server.home / "chrome-viewer", height=1600)
+    try:
+        login(browser, server, VIEWER)
+        browser.navigate(f"{server.url}/plugin/loyalty-tiers")
+        browser.wait_for(in_doc("d.body.dataset.ready === 'true'"), timeout=90, what="the page for a viewer")
+        assert browser.eval(in_doc("d.getElementById('error').hidden")), browser.eval(
+            in_doc("d.getElementById('error').innerText")
+        )
+        counts = tier_counts(demo_data)
+        assert int(
+            browser.eval(in_doc("d.getElementById('kpi-customers').innerText")).replace(",", "")
+        ) == sum(counts.values())
+        master = read_master(demo_data)
+        at_risk = sum(
+            1
+            for r in master
+            if r["Tier"] == "Sprout"
+            and float(r["Lifetime Value"]) < 250
+            and int(r["Purchases Last 30 Days"]) >= 3
+        )
+        assert int(browser.eval(in_doc("d.getElementById('kpi-at-risk').innerText"))) == at_risk
+        assert browser.eval(in_doc("!d.getElementById('risk-table')"))
+        if at_risk:
+            assert browser.eval(in_doc("!!d.getElementById('risk-hidden')"))
+        note = browser.eval(in_doc("d.getElementById('customer-access-note').innerText"))
+        assert "edit on the DAG customer_tier_sync" in note
+        assert browser.eval(in_doc("!d.getElementById('search-form')"))
+        body = browser.eval(in_doc("d.body.innerText"))
+        assert not any(r["Email"] and r["Email"] in body for r in master)
+        assert not any(r["Name"] and r["Name"] in body for r in master)
+        browser.screenshot(ARTIFACTS / "loyalty_tiers_viewer.png")
     finally:
         browser.close()

@@ -23,6 +23,7 @@ import pytest
 
 from include.tier_sync import dashboard, dashboard_cache, dashboard_master, fileio
 from include.tier_sync.clv import compute_customer_metrics
+from include.tier_sync.customer_access import mask_email
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.master_csv import compute_tiers, publish_run
 from include.tier_sync.runtime import iso
@@ -294,13 +295,17 @@ def test_search_prefix_short_and_missing(data_dir: str) -> None:
     code = rows["c1"]["Customer Code"]
     prefix = dashboard.search(data_dir, code[:-1])
     assert prefix["match"] == "prefix" and "c1" in [c["customer_id"] for c in prefix["customers"]]
-    assert all("email" not in c for c in prefix["customers"])  # emails only for the customer searched
-    assert dashboard.search(data_dir, code)["customers"][0]["email"] == rows["c1"]["Email"]
+    # Search lists candidates: every email masked, exact hit or not; the full one is the detail's.
+    for found in (prefix, dashboard.search(data_dir, code)):
+        for c in found["customers"]:
+            full = rows[c["customer_id"]]["Email"]
+            assert c["email"] == mask_email(full) and (c["email"] != full or not full)
 
 
 def test_customer_detail(data_dir: str) -> None:
     c8 = dashboard.customer(data_dir, "c8", RULES)
     assert c8 is not None and c8["tier"] == "First Time Buyer" and c8["previous_tier"] == "Sprout"
+    assert c8["email"] == master_rows(data_dir)["c8"]["Email"]  # the customer's own view: in full
     assert c8["tier_history"][-1]["kind"] == "downgrade"
     assert dashboard.customer(data_dir, "nope", RULES) is None
 
@@ -432,18 +437,48 @@ def test_plugin_app_endpoints(local_dir: str, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.syspath_prepend(str(REPO / "plugins"))
     sys.modules.pop("loyalty_tiers.app", None)
+    import loyalty_tiers.app as app_module  # type: ignore[import-not-found]
     from loyalty_tiers.app import app, require_user  # type: ignore[import-not-found]
 
+    # The auth manager and the audit log are Airflow's (tests/integration/test_ui_plugin.py runs
+    # them for real); here a stand-in grants or refuses the customer permission and keeps the rows.
+    audited: list[tuple[str, list[str]]] = []
+    allowed = {"customers": True}
+
+    class Lookup:
+        def record(self, action: str, ids: list[str], total: int | None = None) -> None:
+            audited.append((action, ids))
+
+    def lookup(request: Any, user: Any, action: str) -> Lookup:
+        if not allowed["customers"]:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=403, detail="no")
+        return Lookup()
+
+    monkeypatch.setattr(app_module, "customer_lookup", lookup)
+    monkeypatch.setattr(app_module, "can_view_customers", lambda user: allowed["customers"])
     monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", local_dir)
     app.dependency_overrides[require_user] = lambda: {"name": "test"}
     try:
         client = TestClient(app)
         assert client.get("/api/summary").json()["total_customers"] == 8
+        assert client.get("/api/summary").json()["access"]["customers"] is True
         assert client.get("/api/at-risk", params={"limit": 1}).json()["customers"][0]["customer_id"] == "c3"
+        assert audited == [("at_risk", ["c3"])]
         assert client.get("/api/at-risk", params={"limit": 100_000}).status_code == 422
         assert client.get("/api/search", params={"q": "c6"}).json()["customers"][0]["tier"] == "Sprout"
         assert client.get("/api/customers/c8").json()["tier"] == "First Time Buyer"
         assert client.get("/api/customers/nope").status_code == 404
+        assert audited[1:] == [("search", ["c6"]), ("customer", ["c8"]), ("customer", [])]
+        # Without the permission: the counts stay, the names go, search and detail are refused.
+        allowed["customers"] = False
+        risk = client.get("/api/at-risk").json()
+        assert risk["total"] == 2 and risk["customers"] == [] and risk["customers_visible"] is False
+        assert client.get("/api/summary").json()["access"]["customers"] is False
+        assert client.get("/api/search", params={"q": "c6"}).status_code == 403
+        assert client.get("/api/customers/c8").status_code == 403
+        assert len(audited) == 4
         assert client.get("/api/history").json()["points"][-1]["as_of"] == iso(AS_OF)
         assert len(client.get("/api/moves").json()["runs"]) == 2
         assert client.get("/data-docs/index.html").text == "<html>docs</html>"

@@ -47,7 +47,12 @@ function tierCell(tier) { return h("span", { class: "tier" }, swatch(tier), tier
 
 async function api(path) {
   const res = await fetch(path, { credentials: "same-origin", headers: { Accept: "application/json" } });
-  if (res.status === 401 || res.status === 403) throw new Error("Your Airflow session has expired: reload the page to log in again.");
+  if (res.status === 401) throw new Error("Your Airflow session has expired: reload the page to log in again.");
+  if (res.status === 403 || res.status === 429) {  // the permission or the hourly limit: the server says which
+    let detail = "";
+    try { detail = (await res.json()).detail; } catch (e) { detail = ""; }
+    throw new Error(detail || (res.status === 403 ? "Your Airflow role may not see this." : "Too many requests: try again later."));
+  }
   if (!res.ok) throw new Error(`${path}: HTTP ${res.status}`);
   return res.json();
 }
@@ -293,6 +298,10 @@ function renderRisk(r) {
     svg.append(s("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, String(max)));
     put("risk-chart", svg);
   } else put("risk-chart");
+  if (!r.customers_visible && r.total) {
+    put("risk", h("p", { class: "muted", id: "risk-hidden" }, "Who they are is customer data: your Airflow role sees the counts only."));
+    return;
+  }
   if (!r.customers.length) {
     put("risk", h("p", { class: "muted" }, r.as_of ? `Nobody drops a tier within ${r.within_days} days.` : "No master CSV yet."));
     return;
@@ -350,16 +359,16 @@ async function doSearch(ev) {
     const r = await api(`api/search?q=${encodeURIComponent(q)}&limit=10`);
     if (!r.total) { put("search-status", "No customer matches."); put("search-results"); return; }
     put("search-status", r.match === "exact" ? `${r.total} match${r.total === 1 ? "" : "es"}` : `${r.total} starting with “${q}”${r.total > r.customers.length ? `, first ${r.customers.length}` : ""}`);
-    if (r.customers.length === 1) {
+    if (r.customers.length === 1) {  // the customer's own view: the full record, email included
       put("search-results");
-      if (r.match === "exact") put("customer", customerDetail(r.customers[0]));
-      else await showCustomer(r.customers[0].customer_id);  // the full record, email included
+      await showCustomer(r.customers[0].customer_id);
       return;
     }
     put("search-results", h("table", { id: "search-table" },
-      h("thead", {}, h("tr", {}, h("th", {}, "Customer"), h("th", {}, "Code"), h("th", {}, "Tier"), h("th", { class: "num" }, "Lifetime value"))),
-      h("tbody", {}, r.customers.map((c) => h("tr", {},
+      h("thead", {}, h("tr", {}, h("th", {}, "Customer"), h("th", {}, "Email"), h("th", {}, "Code"), h("th", {}, "Tier"), h("th", { class: "num" }, "Lifetime value"))),
+      h("tbody", {}, r.customers.map((c) => h("tr", { "data-customer": c.customer_id },
         h("td", {}, h("button", { class: "link-button", type: "button", onclick: () => showCustomer(c.customer_id) }, c.name || c.customer_id)),
+        h("td", { class: "masked-email" }, c.email || "–"),
         h("td", {}, c.customer_code), h("td", {}, tierCell(c.tier)), h("td", { class: "num" }, money(c.lifetime_value)))))));
   } catch (err) { showError(err); put("search-status"); }
 }
@@ -380,6 +389,9 @@ async function main() {
       return;
     }
     byId("content").hidden = false;
+    if (!sum.access.customers) {  // aggregates only: say why, instead of a search that would be refused
+      put("search-card", h("h2", {}, "Find a customer"), h("p", { class: "muted", id: "customer-access-note" }, sum.access.message));
+    }
     renderDistribution(sum);
     renderSync(sum.sync);
     renderQuality(sum.validation);
