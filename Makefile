@@ -6,31 +6,39 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 
-.PHONY: install demo test test-calendar lint typecheck bench lock clean up down chromium faketime
+.PHONY: help install demo test test-unit test-calendar lint typecheck bench lock clean up down browser chromium faketime
 
-install: $(STAMP)
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+install: $(STAMP)  ## .venv with every pinned dependency (idempotent)
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.txt
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.txt
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 
-demo: install
+demo: install  ## the real job end to end: Airflow 3 (SQLite) against the Lightspeed simulator
 	$(BIN)/python -m tools.demo
 
-up: install
+up: install  ## local Airflow UI + simulator (make down stops it)
 	$(BIN)/python -m tools.up
 
-down: install
+down: install  ## stop what make up started
 	$(BIN)/python -m tools.up --down
 
-test: install chromium
+# No root needed: the browser tests install Chromium themselves where they can (root + apt, as on
+# CI) and otherwise skip saying so; `make browser` installs it up front.
+test: install  ## the whole suite: ruff, mypy, pytest (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+test-unit: install  ## the fast loop: unit, simulator and DAG-file tests only (no Airflow servers)
+	$(BIN)/python -m pytest -q -m "not integration" tests/unit tests/sim tests/dags
 
 # The suite must pass on any calendar day (README: "How tests choose their dates"): run it with the
 # clock a year ahead, then on the day after the fixed test dates (the latest fixed as_of is
@@ -42,7 +50,7 @@ CALENDAR_AHEAD ?= +365d
 CALENDAR_FIXED ?= 2026-11-27 03:00:00
 CALENDAR_PYTEST = $(BIN)/python -m pytest -p no:cacheprovider \
 	--ignore=tests/integration/test_scheduler.py --ignore=tests/integration/test_celery.py
-test-calendar: install chromium faketime
+test-calendar: install faketime  ## the suite a year ahead and on the day after the fixed test dates
 	faketime -f "$(CALENDAR_AHEAD)" $(CALENDAR_PYTEST)
 	TZ=UTC faketime "$(CALENDAR_FIXED)" $(CALENDAR_PYTEST)
 
@@ -51,23 +59,25 @@ faketime:
 	@command -v faketime >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime; }
 
 # Debian's Chromium + chromedriver for the UI end-to-end test (no-op when already installed).
-chromium:
+browser:  ## Chromium for the UI tests (Debian/Ubuntu: apt, needs root or sudo)
 	bash tools/install_chromium.sh
 
-lint: install
+chromium: browser
+
+lint: install  ## ruff
 	$(BIN)/ruff check .
 
-typecheck: install
+typecheck: install  ## mypy
 	$(BIN)/mypy
 
-bench: install
+bench: install  ## the speed figures (bench/)
 	$(BIN)/python bench/parse_time.py
 	$(BIN)/python bench/transform.py
 	$(BIN)/python bench/sync_requests.py
 
-lock:
+lock:  ## re-resolve requirements.in into requirements.txt
 	uv pip compile --python-version 3.11 requirements.in -o requirements.txt --no-header
 
-clean:
+clean:  ## stop make up, remove the venv, caches and .demo
 	-test -x $(BIN)/python && $(BIN)/python -m tools.up --down
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info

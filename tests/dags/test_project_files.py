@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -44,18 +45,54 @@ def test_compose_runs_celery_on_postgres_and_redis_with_this_project(compose: di
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
     assert env["PYTHONPATH"] == "/opt/airflow"  # `include` importable in every container
     mounts = {m.rsplit(":", 2)[1] if m.endswith(":ro") else m.rsplit(":", 1)[1] for m in worker["volumes"]}
-    assert {"/opt/airflow/dags", "/opt/airflow/include", "/opt/airflow/plugins"} <= mounts
+    # The code is the image's, not a bind mount of whatever checkout the host has.
+    assert not {"/opt/airflow/dags", "/opt/airflow/include", "/opt/airflow/plugins"} & mounts
     # Every Airflow service is built from this project's image and shares the data volume.
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"):
         service = compose["services"][name]
         assert service["build"] == "." and "tier-sync-data:/opt/airflow/data" in service["volumes"]
 
 
-def test_image_installs_the_pinned_requirements_and_git() -> None:
+def test_image_holds_the_pinned_requirements_and_the_code() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "FROM apache/airflow:3.3.2-python3.11" in dockerfile
-    assert "-r /requirements.txt" in dockerfile and "install -y --no-install-recommends git" in dockerfile
+    assert "-r /requirements.txt" in dockerfile
+    assert "apt-get" not in dockerfile  # the official image already has git
+    for folder in ("dags", "plugins", "include", "tools"):
+        assert f"COPY --chown=airflow:0 {folder}/ /opt/airflow/{folder}/" in dockerfile
+    assert "compileall" in dockerfile and "--compile" in dockerfile
     assert "apache-airflow==3.3.2\n" in (REPO / "requirements.txt").read_text()
+
+
+def test_the_build_context_leaves_out_local_state_and_secrets() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", ".demo", ".env", "test-artifacts", "**/__pycache__"} <= ignored
+    assert "!.env.example" in ignored
+
+
+COMPOSE_VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?])?")
+
+
+def env_example() -> dict[str, str]:
+    pairs = {}
+    for line in (REPO / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f".env.example: not NAME=value: {line!r}"
+            pairs[name.strip()] = value
+    return pairs
+
+
+def test_every_variable_compose_reads_is_in_env_example() -> None:
+    text = (REPO / "docker-compose.yaml").read_text()
+    used = {m.group(1): m.group(2) for m in COMPOSE_VAR.finditer(text)}
+    example = env_example()
+    assert set(used) <= set(example), f"missing from .env.example: {sorted(set(used) - set(example))}"
+    # Secrets have no default: compose stops with a message instead of running unencrypted.
+    for name in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__BASE_URL"):
+        assert used[name] in (":?", "?"), name
+        assert example[name] == "" or name == "AIRFLOW__API__BASE_URL"  # no sample secret to reuse
+    assert example["AIRFLOW__API__BASE_URL"].startswith("http")
 
 
 def test_airflow_settings_convert_to_airflow_import_formats() -> None:

@@ -10,8 +10,8 @@ metadata DB (what a deployment does; the api-server cannot use the Task SDK to r
   login form, opens the page inside the UI (/plugin/loyalty-tiers, an iframe) and checks the
   numbers shown against the files; the screenshot is kept under test-artifacts/.
 
-Chromium: tools/install_chromium.sh (apt) is run when chromium is missing; the browser test is
-skipped, with the reason, only if that fails.
+Chromium: tools/install_chromium.sh (apt; `make browser`) is run when chromium is missing; the
+browser tests are skipped, with the reason, only if that fails (no root, no apt: e.g. a Mac).
 """
 
 from __future__ import annotations
@@ -175,6 +175,12 @@ def chromium_binary() -> str | None:
         if path:
             return path
     return None
+
+
+NO_BROWSER = (
+    "no Chromium on this machine and tools/install_chromium.sh could not install it (it needs root "
+    "or sudo and apt): run `make browser` to install it, or put chromium on PATH"
+)
 
 
 def ensure_chromium() -> str | None:
@@ -537,7 +543,7 @@ def test_empty_state(workdir: Path) -> None:
         assert client.get("/loyalty-tiers/api/search", params={"q": "someone"}).json()["total"] == 0
         binary = ensure_chromium()
         if binary is None:
-            pytest.skip("chromium is not installed and tools/install_chromium.sh could not install it")
+            pytest.skip(NO_BROWSER)
         browser = Browser(binary, workdir / "chrome-empty", height=900)
         try:
             login(browser, srv)
@@ -567,7 +573,7 @@ def login(browser: Browser, server: Server, user: str = ADMIN) -> None:
 def test_page_in_the_airflow_ui(server: Server, demo_data: Path) -> None:
     binary = ensure_chromium()
     if binary is None:
-        pytest.skip("chromium is not installed and tools/install_chromium.sh could not install it")
+        pytest.skip(NO_BROWSER)
     browser = Browser(binary, server.home / "chrome-profile")
     try:
         login(browser, server)
@@ -661,7 +667,7 @@ def test_page_for_a_viewer(server: Server, demo_data: Path) -> None:
     """A Viewer logs in: the counts are there, the customers are not, and the page says why."""
     binary = ensure_chromium()
     if binary is None:
-        pytest.skip("chromium is not installed and tools/install_chromium.sh could not install it")
+        pytest.skip(NO_BROWSER)
     browser = Browser(binary, server.home / "chrome-viewer", height=1600)
     try:
         login(browser, server, VIEWER)
