@@ -3,6 +3,11 @@
 Readers must never see a half-written file: locally we write a temp file beside the target and
 rename it (atomic on one file system); on object storage a single PUT of the whole object is
 atomic by itself.
+
+A read-modify-write that must not lose a concurrent writer's update (the order store's manifest)
+needs more: locally `exclusive_lock`; on S3 a conditional PUT (`read_bytes_tagged` gives the ETag
+of exactly the bytes read, `write_bytes_if` writes only while the object still has it). The other
+object-storage schemes (gs, az/abfs, memory) have neither here: `has_conditional_write` says which.
 """
 
 from __future__ import annotations
@@ -17,6 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
+
+
+# Schemes whose fsspec file system here makes a PUT conditional on the object's ETag (s3fs:
+# PutObject with If-Match / If-None-Match). gcsfs and adlfs have generation / lease mechanisms
+# that this module does not use, and memory:// (the tests' stand-in) has none.
+CONDITIONAL_WRITE_SCHEMES = ("s3", "s3a")
+# S3's answers to a conditional PUT that lost: 412 (the ETag no longer matches, or the object
+# exists for If-None-Match) and 409 (a concurrent conditional write to the same key is under way).
+_CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+_TAGGED_READ_ATTEMPTS = 3
+
+
+class WriteConflict(Exception):
+    """A conditional write refused: the object changed, or appeared, since it was read."""
 
 
 def is_local(url: str) -> bool:
@@ -66,12 +85,82 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+def has_conditional_write(url: str) -> bool:
+    """True when `write_bytes_if` works for `url` (S3); False locally and on gs, az, memory."""
+    return not is_local(url) and url.split("://", 1)[0] in CONDITIONAL_WRITE_SCHEMES
+
+
+def read_bytes_tagged(url: str) -> tuple[bytes, str]:
+    """An S3 object's bytes and the ETag of exactly those bytes; FileNotFoundError when absent.
+
+    The ETag comes from a fresh HEAD (never s3fs's listing cache) and the GET is made with
+    If-Match on it, so a write in between cannot pair new bytes with an old ETag: that read is
+    retried. Only for URLs where `has_conditional_write` holds.
+    """
+    fs, path = filesystem(url)
+    for attempt in range(_TAGGED_READ_ATTEMPTS):
+        fs.invalidate_cache(path)
+        try:
+            with fs.open(path, "rb") as fh:
+                tag = str(fh.details["ETag"])
+                data: bytes = fh.read()
+            return data, tag
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if not _is_conflict(exc) or attempt == _TAGGED_READ_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def write_bytes_if(url: str, data: bytes, *, etag: str | None) -> str:
+    """Write `data` in one PUT only while the object is still the one read with ETag `etag`
+    (If-Match), or with `etag=None` only while there is no object yet (If-None-Match: '*').
+
+    Returns the new object's ETag; raises WriteConflict when the store refused the condition
+    (another writer got there first), so two writers from the same read can never both land.
+    """
+    if not has_conditional_write(url):
+        raise ValueError(f"no conditional write for {url.split('://', 1)[0]}:// here (only S3)")
+    fs, path = filesystem(url)
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    try:
+        out = fs.pipe_file(path, data, **condition)
+    except OSError as exc:
+        # FileExistsError: If-None-Match on an object that exists; FileNotFoundError on If-Match:
+        # the object was deleted since it was read (without a condition it is a missing bucket).
+        lost = isinstance(exc, FileExistsError) or (etag is not None and isinstance(exc, FileNotFoundError))
+        if lost or _is_conflict(exc):
+            raise WriteConflict(f"{url} changed since it was read ({_describe(condition)})") from None
+        raise
+    return str((out or {}).get("ETag", ""))
+
+
+def _describe(condition: dict[str, str]) -> str:
+    return (
+        "it exists already" if "IfNoneMatch" in condition else f"its ETag is no longer {condition['IfMatch']}"
+    )
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """Whether an s3fs error is S3 refusing a condition (its botocore ClientError is the cause)."""
+    response = getattr(exc.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return False
+    return response.get("Error", {}).get("Code") in _CONFLICT_CODES
+
+
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON file here is written: indented, sorted keys, one trailing newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
 def write_json(url: str, obj: Any) -> None:
-    write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_bytes(url, json_bytes(obj))
 
 
 def read_bytes(url: str) -> bytes:
@@ -126,8 +215,9 @@ def copy(src: str, dst: str) -> None:
 @contextlib.contextmanager
 def exclusive_lock(url: str) -> Iterator[None]:
     """Hold an exclusive flock on the lock file `url` of a local folder (other processes and other
-    open()s in this one wait); on object storage there is no portable lock, so this holds nothing
-    and callers rely on Airflow serialising their task."""
+    open()s in this one wait); on object storage there is no portable lock, so this holds nothing:
+    callers commit with `write_bytes_if` where `has_conditional_write` (S3), and elsewhere rely on
+    Airflow serialising their task."""
     if not is_local(url):
         yield
         return
