@@ -433,12 +433,25 @@ def _dedupe_table(table: pa.Table) -> pa.Table:
 
 
 def _move(src: str, dst: str) -> None:
-    """Rename a file or folder (on object storage: copy, then delete the source)."""
+    """Rename a file or folder (on object storage: copy each object, then delete the sources).
+
+    Object by object, because fsspec's recursive mv also copies the folder itself, which on S3 is
+    no object at all: s3fs then fails with NoSuchKey after copying part of it.
+    """
     if fileio.is_local(src):
         os.makedirs(os.path.dirname(fileio.local_path(dst)), exist_ok=True)
         return os.rename(fileio.local_path(src), fileio.local_path(dst))
     fs, path = fileio.filesystem(src)
-    fs.mv(path, fileio.filesystem(dst)[1], recursive=True)
+    target = fileio.filesystem(dst)[1].rstrip("/")
+    path = path.rstrip("/")
+    found = fs.find(path) if fs.isdir(path) else [path]
+    files = [f for f in found if f == path or f.startswith(f"{path}/")]
+    if len(files) != len(found):
+        raise StoreError(f"cannot move {src}: its listing names objects outside it ({found[:3]})")
+    for name in files:
+        fs.cp_file(name, target + name[len(path) :])
+    for name in files:
+        fs.rm_file(name)
 
 
 def _remove(url: str) -> None:
