@@ -9,8 +9,11 @@ Why this shape (docs/contracts.md "The order store"):
   a crash can never advance a cursor past data that is not stored. A segment the manifest does
   not name (a crashed append, a segment replaced by compaction) does not exist for readers.
 * A commit is a compare-and-swap on the manifest's (generation, etag): under an flock locally; on
-  object storage (fsspec has no lock or conditional overwrite) an optimistic re-check. A file that
-  cannot be read raises StoreCorruptError naming it and full_refresh, which sets damage aside.
+  S3 one conditional PUT (If-Match the object ETag of the manifest it was checked against,
+  If-None-Match '*' for the first), so of two writers from the same read exactly one lands and
+  the other gets ConcurrentWriteError. gs, az and memory:// have neither here: an optimistic
+  re-check, with Airflow serialising the writer. A file that cannot be read raises
+  StoreCorruptError naming it and full_refresh, which sets damage aside.
 * Everything goes through fsspec / `fileio`, so the store works on a local folder, a file://
   URL or object storage shared by workers on several machines.
 * Versions are kept, not overwritten, so a re-run for an older `as_of` sees records as they were.
@@ -166,6 +169,10 @@ class OrderStore:
         self.root = text.rstrip("/") or "/"
         # (generation, etag) of the manifest this writer last read its cursor from or committed.
         self._seen: tuple[int, Any] | None = None
+        # S3: commits are conditional PUTs on the manifest object's ETag (fileio.write_bytes_if).
+        self._conditional = fileio.has_conditional_write(self.root)
+        # S3: (generation, etag) of a manifest read -> its object ETag (None: there was none).
+        self._object_tags: dict[tuple[int, Any], str | None] = {}
 
     def __repr__(self) -> str:
         return f"OrderStore({self.root!r})"
@@ -186,9 +193,13 @@ class OrderStore:
     def manifest(self) -> dict[str, Any]:
         """The committed manifest (empty for a new store); StoreCorruptError when it is unreadable."""
         try:
-            data = json.loads(fileio.read_bytes(self.manifest_url).decode("utf-8"))
+            if self._conditional:
+                raw, tag = fileio.read_bytes_tagged(self.manifest_url)
+            else:
+                raw, tag = fileio.read_bytes(self.manifest_url), None
+            data = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
-            return _empty_manifest()
+            data, tag = _empty_manifest(), None
         except ValueError:  # JSONDecodeError, UnicodeDecodeError: a cut-off or overwritten file
             data = None
         problem = _manifest_problem(data) if data is not None else "is not valid JSON (truncated?)"
@@ -199,7 +210,18 @@ class OrderStore:
             )
         for resource in RESOURCES:
             data["resources"].setdefault(resource, {"cursor": 0, "segments": []})
+        if self._conditional:
+            self._remember_tag(_token(data), tag)
         return data  # type: ignore[no-any-return]
+
+    def _remember_tag(self, token: tuple[int, Any], tag: str | None) -> None:
+        """S3: the object ETag of the first manifest seen with `token`. A commit built on that
+        manifest lands only over those very bytes: a manifest rewritten since, even with the same
+        (generation, etag), is refused. A token missing here at commit time means If-None-Match,
+        which can only fail, never overwrite."""
+        self._object_tags.setdefault(token, tag)
+        while len(self._object_tags) > 16:
+            self._object_tags.pop(next(iter(self._object_tags)))
 
     def _manifest_for_write(self, expected: tuple[int, Any] | None = None) -> dict[str, Any]:
         """The manifest to build a commit on; ConcurrentWriteError when it is no longer `expected`
@@ -215,20 +237,43 @@ class OrderStore:
 
     def _commit_lock(self) -> contextlib.AbstractContextManager[Any]:
         """Serialises commits: an flock on `manifest.lock` of a local store (closing releases it).
-        Object storage has no lock in fsspec, so there the check in _commit is optimistic."""
+        Object storage has no lock in fsspec: on S3 the write itself is conditional (see _commit);
+        on gs, az and memory:// the check in _commit is optimistic."""
         return fileio.exclusive_lock(fileio.join(self.root, LOCK_NAME))
 
     def _commit(self, manifest: dict[str, Any]) -> None:
-        """Compare-and-swap: write `manifest` only while the committed one is the one it was built on."""
-        with self._commit_lock():
-            self._manifest_for_write(_token(manifest))
-            self._write_manifest(manifest)
+        """Compare-and-swap: write `manifest` only while the committed one is the one it was built on.
 
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest["generation"] = int(manifest.get("generation", 0)) + 1
+        Locally the re-check and the write happen under the flock. On S3 the write is a PUT with
+        If-Match the object ETag of the manifest it was built on (If-None-Match '*' when there was
+        none), so a commit landing after that read, even between the re-check and the write, makes
+        S3 refuse this one: ConcurrentWriteError, as for a lost re-check. On gs, az and memory://
+        a commit can still land between the re-check and the write (the DAG runs one
+        extract_orders at a time).
+        """
+        with self._commit_lock():
+            base = self._manifest_for_write(_token(manifest))
+            self._write_manifest(manifest, base=_token(base))
+
+    def _write_manifest(self, manifest: dict[str, Any], base: tuple[int, Any] | None) -> None:
+        """Write `manifest` as the next generation; on S3 only over the manifest read as `base`."""
+        generation = int(manifest.get("generation", 0)) + 1
+        manifest["generation"] = generation
         manifest["etag"] = uuid.uuid4().hex
         manifest["updated_at"] = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        fileio.write_json(self.manifest_url, manifest)
+        if not self._conditional:
+            fileio.write_json(self.manifest_url, manifest)
+        else:
+            tag = self._object_tags.get(base) if base is not None else None
+            try:
+                written = fileio.write_bytes_if(self.manifest_url, fileio.json_bytes(manifest), etag=tag)
+            except fileio.WriteConflict as exc:
+                raise ConcurrentWriteError(
+                    f"order store {self.root}: another writer committed while this one was committing "
+                    f"generation {generation} ({exc}; S3 refused the conditional write, nothing of "
+                    "this commit is visible); run one extraction at a time and retry"
+                ) from None
+            self._remember_tag(_token(manifest), written)
         self._seen = _token(manifest)
 
     def cursor(self, resource: str) -> int:
@@ -289,14 +334,19 @@ class OrderStore:
         with self._commit_lock():
             try:
                 old, damaged = self.manifest(), None
+                base: tuple[int, Any] | None = _token(old)
             except StoreCorruptError as exc:
+                # On S3 the new manifest is then written only if none has appeared (If-None-Match).
+                base = None
                 old, stamp = _empty_manifest(), datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
                 damaged = fileio.join(self.root, f"damaged-{stamp}-{uuid.uuid4().hex[:6]}")
                 log.warning("%s; full refresh: moving the damaged store to %s", exc, damaged)
                 for name in ("segments", MANIFEST_NAME):  # segments first: a half-done move stays damaged
                     if fileio.exists(fileio.join(self.root, name)):
                         _move(fileio.join(self.root, name), fileio.join(damaged, name))
-            self._write_manifest(_empty_manifest(int(old["generation"]), int(old.get("next_segment", 1))))
+            self._write_manifest(
+                _empty_manifest(int(old["generation"]), int(old.get("next_segment", 1))), base=base
+            )
         return damaged
 
     def compact(
