@@ -121,6 +121,10 @@ def test_a_full_store_round_trip_on_s3_commits_every_manifest_conditionally(
     for put in manifest_puts[1:]:
         assert put.get("IfMatch") and "IfNoneMatch" not in put
     assert manifest_puts[-1]["IfMatch"] != manifest_etag(store)  # a new object each commit
+    # A full refresh of a readable store replaces exactly the manifest it read, too.
+    before = manifest_etag(store)
+    assert store.reset() is None
+    assert manifest_puts[-1]["IfMatch"] == before and store.cursors() == {"sales": 0, "customers": 0}
 
 
 # -- two committers ----------------------------------------------------------------------------------
