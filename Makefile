@@ -13,11 +13,11 @@ help:  ## list the targets
 
 install: $(STAMP)  ## .venv with every pinned dependency (idempotent)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements-dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements.txt
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -r requirements-dev.txt
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 
@@ -32,8 +32,9 @@ down: install  ## stop what make up started
 
 # No root needed: the browser tests install Chromium themselves where they can (root + apt, as on
 # CI) and otherwise skip saying so; `make browser` installs it up front.
-test: install  ## the whole suite: ruff, mypy, pytest (what CI runs)
+test: install  ## the whole suite: ruff, deptry, mypy, pytest (what CI runs)
 	$(BIN)/ruff check .
+	$(BIN)/deptry .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
@@ -64,8 +65,9 @@ browser:  ## Chromium for the UI tests (Debian/Ubuntu: apt, needs root or sudo)
 
 chromium: browser
 
-lint: install  ## ruff
+lint: install  ## ruff, and deptry: declared dependencies == imported ones
 	$(BIN)/ruff check .
+	$(BIN)/deptry .
 
 typecheck: install  ## mypy
 	$(BIN)/mypy
@@ -75,8 +77,12 @@ bench: install  ## the speed figures (bench/)
 	$(BIN)/python bench/transform.py
 	$(BIN)/python bench/sync_requests.py
 
-lock:  ## re-resolve requirements.in into requirements.txt
-	uv pip compile --python-version 3.11 requirements.in -o requirements.txt --no-header
+# Two locks, one set of versions: development (runtime + tools) first, then the runtime set that the
+# image installs, constrained to the development lock's versions. deptry (make lint) keeps what is
+# declared and what is imported equal.
+lock: install  ## re-resolve requirements*.in into requirements-dev.txt and requirements.txt
+	$(BIN)/uv pip compile -q --python-version 3.11 requirements.in requirements-dev.in -o requirements-dev.txt --no-header
+	$(BIN)/uv pip compile -q --python-version 3.11 requirements.in -c requirements-dev.txt -o requirements.txt --no-header
 
 clean:  ## stop make up, remove the venv, caches and .demo
 	-test -x $(BIN)/python && $(BIN)/python -m tools.up --down

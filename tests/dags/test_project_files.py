@@ -64,6 +64,27 @@ def test_image_holds_the_pinned_requirements_and_the_code() -> None:
     assert "apache-airflow==3.3.2\n" in (REPO / "requirements.txt").read_text()
 
 
+def pins(name: str) -> dict[str, str]:
+    found = {}
+    for line in (REPO / name).read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            package, _, version = line.partition("==")
+            found[package.split("[")[0].lower()] = version
+    return found
+
+
+def test_the_image_gets_runtime_packages_only_at_the_development_versions() -> None:
+    runtime, dev = pins("requirements.txt"), pins("requirements-dev.txt")
+    tools = {"pytest", "pytest-timeout", "ruff", "mypy", "deptry", "moto", "aiosmtpd", "requests-mock"}
+    assert not tools & set(runtime), sorted(tools & set(runtime))
+    assert tools <= set(dev)
+    assert {p: v for p, v in runtime.items() if dev.get(p) != v} == {}  # one set of versions
+    assert runtime["apache-airflow"] == "3.3.2"
+    # make install and the image install what their lists say.
+    makefile, dockerfile = (REPO / "Makefile").read_text(), (REPO / "Dockerfile").read_text()
+    assert "-r requirements-dev.txt" in makefile and "COPY --chown=airflow:0 requirements.txt" in dockerfile
+
+
 def test_the_build_context_leaves_out_local_state_and_secrets() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", ".demo", ".env", "test-artifacts", "**/__pycache__"} <= ignored
