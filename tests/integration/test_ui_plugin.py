@@ -111,17 +111,33 @@ def airflow_env(home: Path, data_dir: Path | None) -> dict[str, str]:
     return env
 
 
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+FAB_ROLES = {ADMIN: "Admin", VIEWER: "Viewer", CLERK: "User"}  # FAB's own default roles
+
+
 @contextmanager
-def api_server(data_dir: Path | None, home: Path) -> Iterator[Server]:
-    """`airflow api-server` on a free port; the data dir is an Airflow Variable in its DB."""
+def api_server(data_dir: Path | None, home: Path, auth: str = "simple") -> Iterator[Server]:
+    """`airflow api-server` on a free port; the data dir is an Airflow Variable in its DB. `auth`:
+    SimpleAuthManager (users from the environment) or "fab" (the FAB auth manager a deployment
+    uses, its users created through its own CLI with its default roles)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "dags").mkdir(exist_ok=True)
     passwords = {user: secrets.token_urlsafe(12) for user in (ADMIN, VIEWER, CLERK)}
     (home / "passwords.json").write_text(json.dumps(passwords))
     env = airflow_env(home, data_dir)
+    if auth == "fab":
+        env["AIRFLOW__CORE__AUTH_MANAGER"] = FAB_AUTH_MANAGER
     airflow = str(BIN / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+    if auth == "fab":
+        for user, role in FAB_ROLES.items():
+            made = subprocess.run(
+                [airflow, "users", "create", "--username", user, "--password", passwords[user], "--role", role,
+                 "--email", f"{user}@example.org", "--firstname", user, "--lastname", "Test"],
+                env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
     variables = {"tier_sync_customer_lookups_per_hour": str(LOOKUP_LIMIT)}
     if data_dir is not None:
         variables["tier_sync_data_dir"] = str(data_dir)
@@ -529,6 +545,26 @@ def test_customer_lookups_are_limited_per_user(server: Server, demo_data: Path) 
     assert len(audit_rows(server, "loyalty_customers.rate_limited", CLERK)) == 2
     # The limit is the clerk's, not everyone's.
     assert client_of(server, ADMIN).get(path).status_code == 200
+
+
+def test_customer_permission_under_the_fab_auth_manager(demo_data: Path, workdir: Path) -> None:
+    """The same policy through FAB's roles: Viewer reads aggregates, User (DAG edit) reads customers."""
+    someone = next(r for r in read_master(demo_data) if r["Email"])
+    with api_server(demo_data, workdir / "airflow-fab", auth="fab") as srv:
+        viewer, user = client_of(srv, VIEWER), client_of(srv, CLERK)
+        summary = viewer.get("/loyalty-tiers/api/summary")
+        assert summary.status_code == 200 and summary.json()["access"]["customers"] is False
+        assert summary.json()["total_customers"] == sum(tier_counts(demo_data).values())
+        risk = viewer.get("/loyalty-tiers/api/at-risk").json()
+        assert risk["customers"] == [] and risk["customers_visible"] is False
+        assert viewer.get("/loyalty-tiers/api/search", params={"q": someone["Email"]}).status_code == 403
+        assert viewer.get(f"/loyalty-tiers/api/customers/{someone['Customer ID']}").status_code == 403
+        assert user.get("/loyalty-tiers/api/summary").json()["access"]["customers"] is True
+        detail = user.get(f"/loyalty-tiers/api/customers/{someone['Customer ID']}")
+        assert detail.status_code == 200 and detail.json()["email"] == someone["Email"]
+        rows = audit_rows(srv, "loyalty_customers.lookup", CLERK)
+        assert [json.loads(r["extra"])["customer_ids"] for r in rows] == [[someone["Customer ID"]]]
+        assert len(audit_rows(srv, "loyalty_customers.denied", VIEWER)) == 2
 
 
 def test_empty_state(workdir: Path) -> None:
