@@ -19,6 +19,8 @@ Every day at 02:00 UTC this DAG runs the retailer's loyalty program:
    are never touched.
 7. **verify_group_counts** / **write_sync_log**: checks the groups against the CSV and writes
    `tier_sync_log.json` (also this task's XCom).
+8. **prune_runs**: removes run folders older than the `tier_sync_retention_days` Variable (default
+   90), counted from the run's as_of; the tier history and each pruned run's counts are kept.
 
 Trigger options: `dry_run` (plan and log only), `full_refresh` (rebuild the order store),
 `force_resync` (re-assert every managed customer's group), `limit` (first N moves only),
@@ -175,6 +177,14 @@ def customer_tier_sync() -> None:
 
         return write_sync_log_task(get_current_context())
 
+    # After the log, whatever happened before (all_done); one at a time across runs and back-fills.
+    @task(trigger_rule=TriggerRule.ALL_DONE, max_active_tis_per_dag=1, execution_timeout=TIMEOUTS["prune_runs"])
+    def prune_runs(logged: Any) -> dict[str, Any]:
+        """Remove run folders older than tier_sync_retention_days (their counts are kept)."""
+        from include.tier_sync.tasks import prune_runs_task
+
+        return prune_runs_task(get_current_context())
+
     @task(
         trigger_rule=TriggerRule.ONE_FAILED,
         retries=0,
@@ -201,8 +211,9 @@ def customer_tier_sync() -> None:
     results = sync_batch.expand(ref=refs)
     checked = verify_group_counts(results)
     logged = write_sync_log(checked)
+    pruned = prune_runs(logged)
     outcome = run_outcome()
-    [extracted, computed, validated, published, committed, refs, results, checked, logged] >> outcome
+    [extracted, computed, validated, published, committed, refs, results, checked, logged, pruned] >> outcome
 
 
 customer_tier_sync()

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -210,6 +211,41 @@ def listdir(url: str) -> list[str]:
 
 def copy(src: str, dst: str) -> None:
     write_bytes(dst, read_bytes(src))
+
+
+def remove_tree(url: str) -> None:
+    """Delete a folder and everything under it (nothing when it does not exist).
+
+    Locally the folder is first renamed to a hidden sibling (`.removing-<name>-<id>`), so a reader
+    listing its parent never sees it half deleted; on object storage the prefix is removed.
+    """
+    if is_local(url):
+        path = local_path(url).rstrip("/")
+        if not os.path.isdir(path):
+            return
+        hidden = os.path.join(os.path.dirname(path), f".removing-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+        os.rename(path, hidden)
+        shutil.rmtree(hidden)
+        return
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def walk_files(url: str) -> list[str]:
+    """Every file under a folder, as paths relative to it ('/'-separated, sorted); [] when absent."""
+    if is_local(url):
+        root = local_path(url)
+        out = [
+            os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            for folder, _dirs, names in os.walk(root)
+            for name in names
+        ]
+        return sorted(out)
+    fs, root = filesystem(url)
+    if not fs.exists(root):
+        return []
+    return sorted(full[len(root.rstrip("/")) + 1 :] for full in fs.find(root))
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ CLOCK_SKEW = timedelta(minutes=10)
 STORE_DIR = "store"
 MASTER_FILE = "customer_analytics_master.csv"
 HISTORY_FILE = "tier_history.csv"
+SYNC_HISTORY_FILE = "sync_history.csv"  # the counts of pruned runs (retention.py)
 CHANGES_FILE = "tier_changes.csv"
 SYNC_LOG_FILE = "tier_sync_log.json"
 LATEST_FILE = "latest.json"
@@ -129,6 +130,10 @@ class RunPaths:
     @property
     def tier_history(self) -> str:
         return self._p(HISTORY_FILE)
+
+    @property
+    def sync_history(self) -> str:
+        return self._p(SYNC_HISTORY_FILE)
 
     @property
     def tier_changes(self) -> str:

@@ -32,6 +32,14 @@ VAR_GIT_REMOTE = "tier_sync_git_remote"
 VAR_GIT_BRANCH = "tier_sync_git_branch"
 VAR_RULES = "tier_sync_rules"
 VAR_CUSTOMER_LOOKUPS = "tier_sync_customer_lookups_per_hour"
+VAR_RETENTION_DAYS = "tier_sync_retention_days"
+VAR_GIT_WITHOUT_CONTACTS = "tier_sync_git_without_contacts"
+
+# Run folders (runs/<key>/) older than this many days are pruned by the prune_runs task. There is
+# no "off": a typo must never turn into "delete everything" or "keep PII forever" silently; keep
+# folders for longer with a larger number. The minimum keeps a week for a person to look into.
+RETENTION_DAYS_DEFAULT = 90
+RETENTION_DAYS_MIN = 7
 
 
 def variable(name: str, default: str | None = None) -> str | None:
@@ -199,6 +207,44 @@ def check_customer_lookups_per_hour(raw: str | None) -> int:
     return int(text)
 
 
+# -- privacy: retention, the git master ----------------------------------------------------------------
+
+
+def retention_days() -> int:
+    """The `tier_sync_retention_days` Variable (see `check_retention_days`)."""
+    return check_retention_days(variable(VAR_RETENTION_DAYS))
+
+
+def check_retention_days(raw: str | None) -> int:
+    """Days run folders are kept: unset or blank means RETENTION_DAYS_DEFAULT; otherwise a whole
+    number >= RETENTION_DAYS_MIN, else ValueError naming the Variable (no "off", no fractions)."""
+    if raw is None or not raw.strip():
+        return RETENTION_DAYS_DEFAULT
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < RETENTION_DAYS_MIN:
+        raise ValueError(
+            f"Variable {VAR_RETENTION_DAYS} must be a whole number of days >= {RETENTION_DAYS_MIN} "
+            f"(unset: {RETENTION_DAYS_DEFAULT}), got {raw!r}; there is no 'off': to keep run folders "
+            "longer, set a larger number"
+        )
+    return int(text)
+
+
+def git_without_contacts() -> bool:
+    """The `tier_sync_git_without_contacts` Variable (see `check_flag`)."""
+    return check_flag(VAR_GIT_WITHOUT_CONTACTS, variable(VAR_GIT_WITHOUT_CONTACTS))
+
+
+def check_flag(name: str, raw: str | None) -> bool:
+    """A boolean Variable: unset or blank is False; `true` / `false` (any case); else ValueError."""
+    text = (raw or "").strip().lower()
+    if text in ("", "false"):
+        return False
+    if text == "true":
+        return True
+    raise ValueError(f"Variable {name} must be true or false (unset: false), got {raw!r}")
+
+
 # -- time bounds ---------------------------------------------------------------------------------------
 
 # Each task's execution_timeout (minutes, per try) and the run's dagrun_timeout: a hung task fails
@@ -214,6 +260,7 @@ TASK_TIMEOUT_MINUTES: dict[str, int] = {
     "sync_batch": 30,
     "verify_group_counts": 15,
     "write_sync_log": 10,
+    "prune_runs": 10,
     "run_outcome": 5,
 }
 DAGRUN_TIMEOUT_HOURS = 6.0

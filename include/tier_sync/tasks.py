@@ -297,6 +297,19 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
     return dict(log_doc)
 
 
+def prune_runs_task(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove run folders older than `tier_sync_retention_days` (counted from this run's as_of)."""
+    from include.tier_sync.retention import prune_runs
+
+    paths = run_paths(context)
+    try:
+        days = settings.retention_days()
+    except ValueError as exc:  # a bad Variable: a retry reads the same value
+        _fail(str(exc), exc)
+        raise AssertionError("unreachable") from exc
+    return prune_runs(paths, days)
+
+
 def fail_run(context: Mapping[str, Any]) -> None:
     """The watcher's body: only reached when a task failed; name them and fail."""
     dag_run = context.get("dag_run")

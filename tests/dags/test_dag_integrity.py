@@ -157,11 +157,12 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
             ("plan_sync", "sync_batch"),
             ("sync_batch", "verify_group_counts"),
             ("verify_group_counts", "write_sync_log"),
+            ("write_sync_log", "prune_runs"),
         ]
         + [
             (t, "run_outcome")
             for t in ("extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync",
-                      "sync_batch", "verify_group_counts", "write_sync_log")
+                      "sync_batch", "verify_group_counts", "write_sync_log", "prune_runs")
         ]
     )
     # A failed task must fail the run even though the all_done log task after it succeeds.
@@ -170,6 +171,9 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     # The log must be written when nothing is synced (mapped task skipped) and when batches failed.
     assert dag.get_task("write_sync_log").trigger_rule == "all_done"
     assert dag.get_task("verify_group_counts").trigger_rule == "all_done"
+    # Retention runs whatever happened before it, one instance at a time across runs and back-fills.
+    assert dag.get_task("prune_runs").trigger_rule == "all_done"
+    assert dag.get_task("prune_runs").max_active_tis_per_dag == 1
 
 
 def test_trigger_form_params(dagbag) -> None:  # type: ignore[no-untyped-def]
