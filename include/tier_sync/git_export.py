@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from include.tier_sync import fileio, ledger
+from include.tier_sync import fileio, ledger, spreadsheet
 from include.tier_sync.git_remote import (
     GitExportError,
     _Git,
@@ -132,8 +132,12 @@ def commit_master(
     branch: str | None = None,
     conn_id: str = GIT_CONN_ID,
     max_push_attempts: int = DEFAULT_MAX_PUSH_ATTEMPTS,
+    without_contacts: bool = False,
 ) -> dict[str, Any]:
     """Commit the run's master CSV and the tier history at the repo root, then push.
+
+    `without_contacts` (Variable tier_sync_git_without_contacts) commits the master without
+    `master_csv.CONTACT_COLUMNS`; the data dir keeps the full file.
 
     `remote`/`branch` default to `resolve_remote()` / `settings.git_branch()`. Returns
     `{"commit", "pushed", "changed", "remote", "branch"}`: `changed` = this call made a commit;
@@ -161,7 +165,8 @@ def commit_master(
         _prepare(git, target, branch)
         newest = _ledger_newest(paths)
         _sync(git, branch, newest)
-        result = _commit(git, sources, paths.key, as_of, identity, changes_summary, newest)
+        drop = _contact_columns() if without_contacts else ()
+        result = _commit(git, sources, paths.key, as_of, identity, changes_summary, newest, drop)
         pushed = False
         if _unpushed(git, branch):
             pushed = _push(git, target, branch, max_push_attempts, newest)
@@ -478,8 +483,9 @@ def _commit(
     identity: Mapping[str, Any],
     changes_summary: Mapping[str, Any],
     newest: datetime | None,
+    drop_from_master: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Commit this run's files; the master only when no newer day has been published (the ledger
+    """Commit this run's files (the master without `drop_from_master`); the master only when no newer day has been published (the ledger
     decides, never a date found in the remote's history that anyone could have typed)."""
     note = ""
     files = dict(sources)
@@ -490,7 +496,10 @@ def _commit(
             "commit_csv: run %s is older than the committed %s; master CSV not replaced", key, iso(newest)
         )
     for name, url in files.items():
-        _write_file(os.path.join(git.cwd, name), fileio.read_bytes(url))
+        data = fileio.read_bytes(url)
+        if name == MASTER_FILE and drop_from_master:
+            data = spreadsheet.without_columns(data, drop_from_master)
+        _write_file(os.path.join(git.cwd, name), data)
     names = sorted(files)
     previous = _run_commit(git, key)
     if previous is not None and all(_same_blob(git, previous, name) for name in names):
@@ -506,6 +515,12 @@ def _commit(
     message = build_commit_message(identity, key, iso(as_of), changes_summary, note)
     git.run("commit", "--quiet", "--no-verify", "-F", "-", input=message)
     return {"commit": git.out("rev-parse", "HEAD"), "changed": True}
+
+
+def _contact_columns() -> tuple[str, ...]:
+    from include.tier_sync.master_csv import CONTACT_COLUMNS
+
+    return CONTACT_COLUMNS
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -46,6 +46,9 @@ MASTER_COLUMNS: tuple[str, ...] = (
     "Tier Changed At",
     "Last Updated",
 )
+# Who the customer is and how to reach them: left out of the git copy when the Variable
+# tier_sync_git_without_contacts is true (the data dir keeps the full master).
+CONTACT_COLUMNS: tuple[str, ...] = ("Name", "Email", "Phone")
 CHANGES_COLUMNS: tuple[str, ...] = ("Customer ID", "From", "To", "as_of")
 HISTORY_COLUMNS: tuple[str, ...] = ("as_of", "run_id", "tier", "count")
 _TEXT_COLUMNS = ("Customer ID", "Customer Code", "Name", "Email", "Phone")

@@ -13,15 +13,16 @@ imports this module lazily too, but keeping it cheap costs nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from include.tier_sync import fileio, settings
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.runtime import resolve_as_of, run_identity, to_utc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _fail(message: str, cause: BaseException | None = None) -> None:
@@ -51,6 +52,15 @@ def _client() -> Any:
     from include.tier_sync.lightspeed import LightspeedClient
 
     return LightspeedClient.from_connection(settings.LIGHTSPEED_CONN_ID)
+
+
+def _setting(read: Callable[[], T]) -> T:
+    """A setting read by `read`; a bad Variable fails the task at once (a retry reads the same)."""
+    try:
+        return read()
+    except ValueError as exc:
+        _fail(str(exc), exc)
+        raise AssertionError("unreachable") from exc
 
 
 def _fail_if_permanent(exc: BaseException) -> None:
@@ -135,6 +145,7 @@ def commit_task(context: Mapping[str, Any], computed: Mapping[str, Any]) -> dict
         dict(computed),
         branch=settings.git_branch(),
         conn_id=settings.GIT_CONN_ID,
+        without_contacts=_setting(settings.git_without_contacts),
     )
     outlet_events = context.get("outlet_events")
     if outlet_events is not None:
@@ -302,12 +313,7 @@ def prune_runs_task(context: Mapping[str, Any]) -> dict[str, Any]:
     from include.tier_sync.retention import prune_runs
 
     paths = run_paths(context)
-    try:
-        days = settings.retention_days()
-    except ValueError as exc:  # a bad Variable: a retry reads the same value
-        _fail(str(exc), exc)
-        raise AssertionError("unreachable") from exc
-    return prune_runs(paths, days)
+    return prune_runs(paths, _setting(settings.retention_days))
 
 
 def fail_run(context: Mapping[str, Any]) -> None:

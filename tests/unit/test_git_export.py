@@ -641,3 +641,60 @@ def test_ssh_environment_from_connection_extras(tmp_path: Path) -> None:
         assert env["GIT_AUTHOR_NAME"] == "Tier Bot" and git_remote.TOKEN_ENV not in env
     assert not os.path.exists(key_path)  # the key file lives only as long as the export
     assert "passphrase" not in repr(auth)
+
+
+# -- tier_sync_git_without_contacts ----------------------------------------------------------------
+
+CONTACT_HEADER = "\ufeffCustomer ID,Customer Code,Name,Email,Phone,Lifetime Value,Tier\n"
+CONTACT_ROWS = [
+    'c1,K-1,"Zoë, Smith",zoe@example.com,\'+64 21 555 9991,12.50,Seed',
+    "c2,'=K2,'=HYPERLINK(1),bo@example.com,,-3.00,None",
+]
+
+
+def make_contact_run(data: Path, as_of: datetime) -> RunPaths:
+    paths = make_run(data, as_of, [])
+    Path(paths.run_master_csv).write_text(CONTACT_HEADER + "".join(r + "\n" for r in CONTACT_ROWS), encoding="utf-8")
+    return paths
+
+
+def test_the_git_master_can_leave_out_contact_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from include.tier_sync.tasks import commit_task
+
+    data = tmp_path / "data"
+    paths = make_contact_run(data, DAY1)
+    remote = default_remote(data)
+    context = {"data_interval_start": DAY1 - timedelta(days=1), "data_interval_end": DAY1, "run_id": "r1"}
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_GIT_WITHOUT_CONTACTS", "true")
+
+    out = commit_task(context, SUMMARY)
+
+    assert out["changed"] and out["pushed"]
+    committed = git(remote, "show", "main:customer_analytics_master.csv")
+    assert committed == (
+        "\ufeffCustomer ID,Customer Code,Lifetime Value,Tier\nc1,K-1,12.50,Seed\nc2,'=K2,-3.00,None\n"
+    )
+    assert "zoe@example.com" not in git(remote, "log", "-p", "main")
+    # The data dir keeps the full master.
+    assert "zoe@example.com" in Path(paths.run_master_csv).read_text(encoding="utf-8")
+    # A rerun with the same setting commits nothing new.
+    assert commit_task(context, SUMMARY)["changed"] is False
+    # Turned off, the next commit holds the contact columns again, byte for byte.
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_GIT_WITHOUT_CONTACTS", "false")
+    assert commit_task(context, SUMMARY)["changed"] is True
+    assert git(remote, "show", "main:customer_analytics_master.csv").encode() == Path(paths.run_master_csv).read_bytes()
+
+
+def test_a_bad_without_contacts_value_fails_the_commit_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.tier_sync.tasks import commit_task
+
+    make_contact_run(tmp_path / "data", DAY1)
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_GIT_WITHOUT_CONTACTS", "yes please")
+    context = {"data_interval_start": DAY1 - timedelta(days=1), "data_interval_end": DAY1}
+    with pytest.raises(AirflowFailException, match="tier_sync_git_without_contacts must be true or false"):
+        commit_task(context, SUMMARY)
+    assert not default_remote(tmp_path / "data").exists()  # nothing was committed
