@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 
-.PHONY: help install demo test test-unit test-calendar lint typecheck bench lock clean up down browser chromium faketime
+.PHONY: help install demo test test-unit test-calendar lint typecheck bench lock clean up down browser chromium faketime erase-customer
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -29,6 +29,11 @@ up: install  ## local Airflow UI + simulator (make down stops it)
 
 down: install  ## stop what make up started
 	$(BIN)/python -m tools.up --down
+
+# Erase one customer from the data dir (README: Privacy).
+erase-customer: install  ## erase one customer from the data dir: ID=<id> [DATA_DIR=...] [DRY_RUN=1]
+	@test -n "$(ID)" || { echo "usage: make erase-customer ID=<customer id> [DATA_DIR=<data dir>] [DRY_RUN=1]"; exit 2; }
+	$(BIN)/python -m tools.erase_customer $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(DRY_RUN),--dry-run) -- "$(ID)"
 
 # No root needed: the browser tests install Chromium themselves where they can (root + apt, as on
 # CI) and otherwise skip saying so; `make browser` installs it up front.
