@@ -413,6 +413,19 @@ def load_settings(paths: Paths, env: dict[str, str], settings_file: Path, sim_ur
                    f"setting the {CONN_ID} connection to the simulator")
 
 
+def retention_setting(settings_file: Path) -> int:
+    """The `tier_sync_retention_days` that airflow_settings.yaml sets (validated like the task does:
+    a bad value stops `make up` naming the Variable, before anything starts)."""
+    from include.tier_sync import settings as tier_settings
+
+    _, variables, _ = convert(yaml.safe_load(settings_file.read_text()) or {}, skip_placeholders=False)
+    env = os.environ.get(f"AIRFLOW_VAR_{tier_settings.VAR_RETENTION_DAYS.upper()}")
+    try:
+        return tier_settings.check_retention_days(env if env is not None else variables.get(tier_settings.VAR_RETENTION_DAYS))
+    except ValueError as exc:
+        raise UpError(f"{settings_file}: {exc}") from None
+
+
 def print_banner(info: dict[str, Any], paths: Paths, *, already: bool) -> None:
     url = info["url"]
     password = read_password(paths) or f"(see {paths.password_file})"
@@ -436,6 +449,9 @@ def print_banner(info: dict[str, Any], paths: Paths, *, already: bool) -> None:
         print("                circuit breaker would otherwise stop.")
     print(f"  logs:         {paths.logs} (Airflow task logs under {paths.home / 'logs'})")
     print(f"  data:         {paths.home / 'tier_sync_data'}")
+    if info.get("retention_days"):
+        print(f"  retention:    run folders older than {info['retention_days']} days are pruned by the prune_runs task")
+        print("                (Variable tier_sync_retention_days, set from airflow_settings.yaml; minimum 7, no 'off')")
     print()
     print("Trigger a run from the UI (Trigger button) or the CLI:")
     print(f"  AIRFLOW_HOME={paths.home} {Path(sys.executable).parent / 'airflow'} dags trigger {DAG_ID} "
@@ -465,6 +481,7 @@ def up(args: argparse.Namespace) -> int:
         raise UpError(f"port {args.port} is already in use on this machine: choose another with PORT=<n> "
                       f"(`make up PORT=8081`) or `--port`")
 
+    retention_days = retention_setting(Path(args.settings))
     env = base_env(paths)
     started: list[Started] = []
     procs: list[tuple[subprocess.Popen[bytes], Started]] = []
@@ -517,7 +534,7 @@ def up(args: argparse.Namespace) -> int:
             if resp.status_code != 200:
                 raise UpError(f"could not unpause {DAG_ID}: {resp.status_code} {resp.text[:300]}")
         info = {"url": url, "port": args.port, "sim_url": sim_url, "onboarding_run": onboarding,
-                "airflow_home": str(paths.home), "started_at": datetime.now(tz=UTC).isoformat()}
+                "retention_days": retention_days, "airflow_home": str(paths.home), "started_at": datetime.now(tz=UTC).isoformat()}
         paths.info.write_text(json.dumps(info, indent=2))
         print(f"ready in {time.monotonic() - t0:.0f} s")
         print_banner(info, paths, already=False)

@@ -219,3 +219,17 @@ def test_the_task_reads_the_variable_and_a_bad_value_fails_the_task(
     assert len(ledger.list_run_keys(root, NOW)) == len(runs)  # nothing was removed
     monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_RETENTION_DAYS", "100")
     assert prune_runs_task(context)["pruned"] == [runs[OLD_FINISHED].key]
+
+
+def test_make_up_shows_the_setting_of_airflow_settings_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools.up import UpError, retention_setting
+
+    monkeypatch.delenv("AIRFLOW_VAR_TIER_SYNC_RETENTION_DAYS", raising=False)
+    repo = Path(__file__).resolve().parents[2]
+    assert retention_setting(repo / "airflow_settings.yaml") == 90
+    bad = tmp_path / "settings.yaml"
+    bad.write_text("airflow:\n  variables:\n    - variable_name: tier_sync_retention_days\n      variable_value: '0'\n")
+    with pytest.raises(UpError, match="tier_sync_retention_days must be a whole number"):
+        retention_setting(bad)
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_RETENTION_DAYS", "30")  # the environment wins, as in Airflow
+    assert retention_setting(bad) == 30
