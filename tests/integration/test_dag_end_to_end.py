@@ -408,3 +408,36 @@ def test_a_gateway_answering_some_gets_without_data_never_misplaces_anyone(deplo
         assert {cid: r["Tier"] for cid, r in rows.items()} == {cid: e.tier for cid, e in expected.items()}
     assert fault.fired >= 5, f"the gateway fault should have fired on several GETs, fired {fault.fired}"
     assert dep.sync_log()["api"]["retries"] >= 1
+
+
+def test_retention_prunes_old_run_folders_and_git_can_leave_out_contacts(deployment: Deployment) -> None:
+    """Through `airflow dags test`: the prune_runs task reads tier_sync_retention_days, removes a run
+    folder older than that (counted from the run's as_of), keeps its day and counts; with
+    tier_sync_git_without_contacts the committed master has no Name/Email/Phone."""
+    dep = deployment
+    old = AS_OF - timedelta(days=10)
+    state, output = dep.dags_test(old, conf={"allow_mass_change": True})
+    assert state == "success", output[-4000:]
+    old_dir = dep.data_dir / "runs" / old.strftime("%Y%m%dT%H%M%SZ")
+    assert (old_dir / "customer_analytics_master.csv").exists()
+
+    dep.extra_env.update(AIRFLOW_VAR_TIER_SYNC_RETENTION_DAYS="7", AIRFLOW_VAR_TIER_SYNC_GIT_WITHOUT_CONTACTS="true")
+    state, output = dep.dags_test(conf={"allow_mass_change": True})
+    assert state == "success", output[-4000:]
+
+    assert not old_dir.exists()
+    assert sorted(p.name for p in (dep.data_dir / "runs").iterdir()) == [AS_OF.strftime("%Y%m%dT%H%M%SZ")]
+    assert "prune_runs: 1 run folder(s) older than 2026-11-18T02:00:00Z pruned" in output
+    with (dep.data_dir / "tier_history.csv").open(newline="", encoding="utf-8-sig") as fh:
+        assert {r["as_of"] for r in csv.DictReader(fh)} == {_iso(old), _iso(AS_OF)}
+    with (dep.data_dir / "sync_history.csv").open(newline="", encoding="utf-8-sig") as fh:
+        kept = list(csv.DictReader(fh))
+    assert [r["as_of"] for r in kept] == [_iso(old)] and kept[0]["validation_passed"] == "true"
+    assert int(kept[0]["total_customers"]) > 0
+    remote = dep.data_dir / "git" / "tiers.git"
+    header = subprocess.run(
+        ["git", "--git-dir", str(remote), "show", "main:customer_analytics_master.csv"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()[0]
+    assert header.lstrip("\ufeff").split(",")[:3] == ["Customer ID", "Customer Code", "Lifetime Value"]
+    assert "Email" not in header and "Email" in (dep.data_dir / "customer_analytics_master.csv").read_text(encoding="utf-8-sig")
