@@ -102,13 +102,20 @@ def decide_prune(
         recorded = manifest_as_of.get(key)
         if key in protected:
             decision.kept_old[key] = protected[key]
-        elif recorded is not None and ledger.run_key(to_utc(recorded)) != key:
+        elif recorded is not None and _key_of(recorded) != key:
             decision.kept_old[key] = f"run.json names as_of {recorded}, not the folder's {iso(as_of)}"
         elif key not in done:
             decision.kept_old[key] = "no sync log: the run is in progress or never finished"
         else:
             decision.prune.append(key)
     return decision
+
+
+def _key_of(as_of: str) -> str | None:
+    try:
+        return ledger.run_key(to_utc(as_of))
+    except (TypeError, ValueError):
+        return None
 
 
 def summary_row(
@@ -169,16 +176,22 @@ def prune_runs(paths: RunPaths, retention_days: int, *, now: datetime | None = N
         if newest is not None:
             protected.setdefault(ledger.run_key(to_utc(newest)), "the latest published run")
         manifests = {k: _read_json(fileio.join(paths.run_dir_for_key(k), RUN_FILE)) for k in keys}
+        # A folder already summarised is one whose removal was cut short (object storage): finish it.
+        summarised = {row["key"] for row in read_sync_history(paths.data_dir)}
         decision = decide_prune(
             keys,
             reference=paths.as_of,
             retention_days=retention_days,
             protected=protected,
-            finished=[k for k in keys if fileio.exists(fileio.join(paths.run_dir_for_key(k), SYNC_LOG_FILE))],
+            finished=[
+                k
+                for k in keys
+                if k in summarised or fileio.exists(fileio.join(paths.run_dir_for_key(k), SYNC_LOG_FILE))
+            ],
             manifest_as_of={k: (m or {}).get("as_of") for k, m in manifests.items()},
         )
         restored = _ensure_in_tier_history(paths, decision.prune)
-        rows = [_summarise(paths, key, manifests.get(key)) for key in decision.prune]
+        rows = [_summarise(paths, key, manifests.get(key)) for key in decision.prune if key not in summarised]
         if rows:
             _upsert_sync_history(paths.sync_history, rows)
         for key in decision.prune:
@@ -254,7 +267,7 @@ def _ensure_in_tier_history(paths: RunPaths, keys: Sequence[str]) -> list[str]:
 
 
 def _upsert_sync_history(url: str, rows: Sequence[Mapping[str, str]]) -> None:
-    """Add (or replace, by key) rows in sync_history.csv, sorted by key; spreadsheet-safe CSV."""
+    """Add rows to sync_history.csv (a key already there is replaced), sorted by key; spreadsheet-safe."""
     import pandas as pd
 
     new = pd.DataFrame(list(rows), columns=list(SYNC_HISTORY_COLUMNS))

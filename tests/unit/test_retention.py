@@ -233,3 +233,29 @@ def test_make_up_shows_the_setting_of_airflow_settings_yaml(tmp_path: Path, monk
         retention_setting(bad)
     monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_RETENTION_DAYS", "30")  # the environment wins, as in Airflow
     assert retention_setting(bad) == 30
+
+
+def test_a_removal_cut_short_is_finished_and_its_first_counts_are_kept(tmp_path: Path) -> None:
+    """On object storage a folder is removed file by file: if that stops half way (the sync log
+    gone, the rest still there), the next prune finishes it and keeps the counts written first."""
+    root = data_dir("memory", tmp_path)
+    runs = lay_out(root)
+    first = retention.prune_runs(runs[0], 90, now=NOW)
+    rows = fileio.read_bytes(first["sync_history"])
+    # Put back part of a pruned folder, as an interrupted delete would leave it (no sync log).
+    leftover = runs[OLD_FINISHED]
+    fileio.write_text(leftover.run_tier_changes, "\ufeffCustomer ID,From,To,as_of\n")
+    write_run_manifest(leftover, identity(leftover.as_of))
+    again = retention.prune_runs(runs[0], 90, now=NOW)
+    assert again["pruned"] == [leftover.key]
+    assert not fileio.exists(leftover.run_dir)
+    assert fileio.read_bytes(first["sync_history"]) == rows  # the counts written first are kept
+
+
+def test_a_manifest_with_an_unreadable_as_of_keeps_the_folder() -> None:
+    ref = datetime(2026, 11, 25, 2, tzinfo=AS_OF.tzinfo)
+    key = ledger.run_key(ref - timedelta(days=200))
+    decision = retention.decide_prune(
+        [key], reference=ref, retention_days=90, protected={}, finished=[key], manifest_as_of={key: "yesterday"}
+    )
+    assert decision.prune == [] and "run.json names as_of yesterday" in decision.kept_old[key]
