@@ -214,45 +214,14 @@ def _store_identifiers(store: Any, cid: str) -> set[str]:
 
 
 def _erase_from_store(store: Any, cid: str, *, dry_run: bool) -> dict[str, int]:
-    """Rewrite the segments holding the customer (their versions, their sales) without them.
+    """Rewrite the segments holding the customer (their versions, their sales) without them
+    (`OrderStore.drop_rows`: committed with the store's compare-and-swap, so a concurrent
+    extraction makes it fail loudly: run again once extract_orders has finished)."""
+    from include.tier_sync.store import CUSTOMERS, SALES
 
-    The new manifest is committed with the store's compare-and-swap (a concurrent extraction makes
-    it fail loudly: run again once extract_orders has finished); replaced files are deleted after.
-    """
-    import pyarrow.compute as pc
-
-    from include.tier_sync.store import CUSTOMERS, SALES, _remove
-
-    counts = {"customers": 0, "sales": 0, "segments_rewritten": 0}
     if not fileio.exists(store.manifest_url):
-        return counts
-    manifest = store.manifest()
-    replaced: list[str] = []
-    for resource, column in ((CUSTOMERS, "id"), (SALES, "customer_id")):
-        kept_segments = []
-        for seg in manifest["resources"][resource]["segments"]:
-            table = store._read_table(resource, [seg])
-            hit = pc.fill_null(pc.equal(table.column(column), cid), False)
-            n = int(pc.sum(hit).as_py() or 0)
-            if not n:
-                kept_segments.append(seg)
-                continue
-            counts[resource] += n
-            counts["segments_rewritten"] += 1
-            if dry_run:
-                continue
-            rest = table.filter(pc.invert(hit))
-            if rest.num_rows:
-                seq = int(manifest.get("next_segment", 1))
-                manifest["next_segment"] = seq + 1
-                kept_segments.append(store._write_segment(resource, seq, rest))
-            replaced.append(store.segment_url(resource, seg["name"]))
-        manifest["resources"][resource]["segments"] = kept_segments
-    if replaced:
-        store._commit(manifest)
-        for url in replaced:
-            _remove(url)
-        store.collect_garbage()  # unnamed segments (a crashed append) may hold the customer too
+        return {"customers": 0, "sales": 0, "segments_rewritten": 0}
+    counts: dict[str, int] = store.drop_rows({CUSTOMERS: "id", SALES: "customer_id"}, cid, dry_run=dry_run)
     return counts
 
 

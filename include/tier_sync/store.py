@@ -381,6 +381,40 @@ class OrderStore:
             self.collect_garbage(wanted)
         return merged
 
+    def drop_rows(self, column_by_resource: Mapping[str, str], value: str, *, dry_run: bool = False) -> dict[str, int]:
+        """Rewrite every segment holding rows whose column (per resource) equals `value` without
+        them: the erasure of one customer (include/tier_sync/erasure.py). Like `compact`, the new
+        segments are committed (compare-and-swap) before the replaced ones are deleted. Returns
+        the rows dropped per resource and `segments_rewritten`; `dry_run` only counts."""
+        manifest = self._manifest_for_write(_token(self.manifest()))
+        counts = {resource: 0 for resource in column_by_resource} | {"segments_rewritten": 0}
+        replaced: list[str] = []
+        for resource, column in column_by_resource.items():
+            kept = []
+            for seg in manifest["resources"][resource]["segments"]:
+                table = self._read_table(resource, [seg])
+                hit = pc.fill_null(pc.equal(table.column(column), value), False)
+                n = int(pc.sum(hit).as_py() or 0)
+                if n:
+                    counts[resource] += n
+                    counts["segments_rewritten"] += 1
+                if not n or dry_run:
+                    kept.append(seg)
+                    continue
+                rest = table.filter(pc.invert(hit))
+                if rest.num_rows:
+                    seq = int(manifest.get("next_segment", 1))
+                    manifest["next_segment"] = seq + 1
+                    kept.append(self._write_segment(resource, seq, rest))
+                replaced.append(self.segment_url(resource, seg["name"]))
+            manifest["resources"][resource]["segments"] = kept
+        if replaced:
+            self._commit(manifest)
+            for url in replaced:
+                _remove(url)
+            self.collect_garbage()  # unnamed segments (a crashed append) may hold the rows too
+        return counts
+
     def collect_garbage(self, resources: Iterable[str] | None = None) -> int:
         """Delete segment files the manifest does not name (crashed appends, replaced segments)."""
         manifest = self.manifest()
