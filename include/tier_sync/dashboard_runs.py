@@ -9,11 +9,19 @@ dashboard.py) when the api-server starts.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from include.tier_sync import fileio, ledger
 from include.tier_sync.dashboard_cache import cached, read_csv, read_json, run_keys, signature
-from include.tier_sync.ledger import CHANGES_FILE, HISTORY_FILE, RUN_FILE, SYNC_LOG_FILE, VALIDATION_FILE
+from include.tier_sync.ledger import (
+    CHANGES_FILE,
+    HISTORY_FILE,
+    RUN_FILE,
+    SYNC_HISTORY_FILE,
+    SYNC_LOG_FILE,
+    VALIDATION_FILE,
+)
 from include.tier_sync.rules import ALL_TIERS, TIER_RANK
 from include.tier_sync.runtime import iso
 
@@ -109,11 +117,51 @@ def _run_moves(data_dir: str, key: str) -> dict[str, Any]:
     }
 
 
+def _count(value: Any) -> int | None:
+    text = str(value if value is not None else "").strip()
+    return int(float(text)) if text else None
+
+
+def _pruned_moves(row: dict[str, Any]) -> dict[str, Any]:
+    """A pruned run's row of sync_history.csv (retention.py) in the shape of `_run_moves`."""
+    counts = {k: _count(row.get(k)) or 0 for k in ("upgrades", "downgrades", "new", "other")}
+    transitions = json.loads(row.get("transitions") or "{}")
+    passed = str(row.get("validation_passed") or "").lower()
+    return {
+        "key": row["key"],
+        "as_of": row.get("as_of") or iso(ledger.key_as_of(row["key"])),
+        "run_id": row.get("run_id") or None,
+        "has_changes": True,
+        **counts,
+        "changes": _count(row.get("changes")) or sum(counts.values()),
+        "top_transitions": dict(sorted(transitions.items(), key=lambda kv: -kv[1])[:8]),
+        "validation_passed": {"true": True, "false": False}.get(passed),
+        "synced_updates": _count(row.get("updated")),
+        "sync_errors": _count(row.get("errors")),
+        "pruned": True,
+    }
+
+
+def _pruned_runs(data_dir: str) -> list[dict[str, Any]]:
+    """The counts kept for runs whose folders retention removed, parsed once per file version."""
+    from include.tier_sync.retention import read_sync_history
+
+    url = fileio.join(data_dir, SYNC_HISTORY_FILE)
+    sig = signature(url)
+    if sig is None:
+        return []
+    return cached("sync_history", url, sig, lambda: [_pruned_moves(r) for r in read_sync_history(data_dir)])
+
+
 def moves(data_dir: str, limit: int = 60) -> dict[str, Any]:
-    """Upgrades / downgrades / new customers per run (newest `limit` runs, oldest first)."""
+    """Upgrades / downgrades / new customers per run (newest `limit` runs, oldest first): from the
+    run folders, and for runs already pruned (retention) from the counts kept in sync_history.csv."""
     limit = max(1, min(int(limit), 1000))
-    keys = run_keys(data_dir)[-limit:]
-    return {"runs": [_run_moves(data_dir, k) for k in keys]}
+    keys = run_keys(data_dir)
+    live = set(keys)
+    pruned = {r["key"]: r for r in _pruned_runs(data_dir) if r["key"] not in live}
+    wanted = sorted([*keys, *pruned])[-limit:]
+    return {"runs": [pruned[k] if k in pruned else _run_moves(data_dir, k) for k in wanted]}
 
 
 # -- one customer ---------------------------------------------------------------------------------------

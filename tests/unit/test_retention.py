@@ -97,6 +97,26 @@ def test_prune_removes_old_finished_runs_and_keeps_their_counts(kind: str, tmp_p
     assert (failed["validation_passed"], failed["published"], failed["errors"]) == ("false", "false", "2")
 
 
+def test_the_page_shows_the_same_moves_per_run_after_pruning(tmp_path: Path) -> None:
+    from include.tier_sync import dashboard
+
+    root = data_dir("local", tmp_path)
+    runs = lay_out(root)
+    dashboard.clear_cache()
+    before = {r["key"]: r for r in dashboard.moves(root)["runs"]}
+    retention.prune_runs(runs[0], 90, now=NOW)
+    dashboard.clear_cache()
+    after = {r["key"]: r for r in dashboard.moves(root)["runs"]}
+    assert list(after) == list(before)  # pruned runs still listed, in order
+    same = ("as_of", "upgrades", "downgrades", "new", "other", "changes", "top_transitions",
+            "validation_passed", "synced_updates", "sync_errors")  # fmt: skip
+    for offset in (OLD_FINISHED, OLD_FAILED):
+        key = runs[offset].key
+        assert after[key]["pruned"] is True and "pruned" not in before[key]
+        assert {k: after[key][k] for k in same} == {k: before[key][k] for k in same}, key
+    assert after[runs[RECENT].key] == before[runs[RECENT].key]
+
+
 def test_pruning_twice_removes_nothing_more_and_keeps_the_rows(tmp_path: Path) -> None:
     root = data_dir("local", tmp_path)
     runs = lay_out(root)
