@@ -76,8 +76,11 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     print(f"make up: {time.monotonic() - t0:.0f} s")
     url = f"http://127.0.0.1:{port}"
     assert f"Airflow UI:   {url}" in first.stdout
-    password = json.loads((state / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    passwords = json.loads((state / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())
+    password = passwords["admin"]
     assert f"login:        admin / {password}" in first.stdout
+    assert f"viewer / {passwords['viewer']} (Viewer role" in first.stdout  # to try the page's roles
+    assert "retention:    run folders older than" in first.stdout
     assert "allow_mass_change" in first.stdout  # the breaker note / trigger command
     assert (state / "airflow" / "airflow.db").exists()  # SQLite, under the state dir
 
@@ -112,8 +115,15 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     assert requests.get(f"{info['sim_url']}/customer_groups", timeout=10,
                         headers={"Authorization": f"Bearer {up_tool.SIM_TOKEN}"}).status_code == 200
 
-    # The project's UI plugin (plugins/) is loaded.
+    # The project's UI plugin (plugins/) is loaded; the viewer login may not look a customer up.
     assert "loyalty_tiers" in {p["name"] for p in get("/plugins")["plugins"]}
+    viewer = requests.post(
+        f"{url}/auth/token", json={"username": "viewer", "password": passwords["viewer"]}, timeout=10
+    ).json()["access_token"]
+    refused = requests.get(
+        f"{url}/loyalty-tiers/api/customers/anyone", headers={"Authorization": f"Bearer {viewer}"}, timeout=30
+    )
+    assert refused.status_code == 403, refused.text[:300]
 
     # The DAG is unpaused, and the onboarding run took the first scheduled slot and succeeds.
     dag = get(f"/dags/{DAG_ID}")
