@@ -27,7 +27,7 @@ What it guarantees (docs/contracts.md, "The client"; API doc "Decisions for this
 - a socket timeout and a wall-clock deadline on every attempt; bounded retries with jittered
   exponential backoff on 5xx, timeouts and connection errors; 429 waits until `Retry-After`
   (HTTP-date or seconds), capped; pacing when `X-RateLimit-Remaining` runs low; an optional
-  process-shared `RateBudget`;
+  shared `RequestBudget` (a file per host, or Redis across hosts);
 - JSON numbers are `Decimal` both ways: money never passes through a binary float.
 """
 
@@ -62,7 +62,7 @@ from include.tier_sync.lightspeed_http import (
     check_base_url,
     int_or_none,
 )
-from include.tier_sync.rate_budget import WINDOW_SECONDS, RateBudget
+from include.tier_sync.rate_budget import WINDOW_SECONDS, RequestBudget, budget_for_connection
 
 if TYPE_CHECKING:
     import requests
@@ -187,8 +187,8 @@ def resolve_base_url(
 class LightspeedClient(HttpTransport):
     """Lightspeed X-Series API 2.0 client. Build it inside a task with `from_connection`.
 
-    `budget`: the shared `RateBudget`; `from_connection` always attaches one (sized from the
-    `registers` extra). Built directly with `budget=None` there is no client-side budget, only the
+    `budget`: the shared `RequestBudget`; `from_connection` always attaches one (sized from the
+    `registers` extra; in Redis when the extra `rate_budget_url` is set). Built directly with `budget=None` there is no client-side budget, only the
     server-header pacing and 429 handling (convenient for tests against a local simulator).
     `sleep`, `clock` and `rng` are injectable so tests never really wait. `clock` is epoch seconds.
     Sending (retries, 429, pacing, `stats`) is inherited from `lightspeed_http.HttpTransport`.
@@ -203,7 +203,7 @@ class LightspeedClient(HttpTransport):
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         registers: int = 1,
-        budget: RateBudget | None = None,
+        budget: RequestBudget | None = None,
         *,
         max_rate_limit_waits: int | None = None,
         max_retry_after: float = MAX_RETRY_AFTER,
@@ -260,9 +260,10 @@ class LightspeedClient(HttpTransport):
 
         host = API base URL (or empty + extra `domain_prefix`), password = personal token. Extras,
         all optional, strings accepted: `domain_prefix`, `registers`, `page_size`, `timeout`,
-        `max_retries`, `rate_budget_dir`, `request_deadline_seconds`, `max_pages`,
+        `max_retries`, `rate_budget_dir`, `rate_budget_url`, `request_deadline_seconds`, `max_pages`,
         `allow_insecure_http` (plain http, e.g. to the simulator: testing only).
-        `overrides` go to the constructor (tests, tuning).
+        `overrides` go to the constructor (tests, tuning); the budget's window is the client's
+        `rate_window_seconds` (the server's window: 300 s unless overridden).
         """
         conn = _get_connection(conn_id)
         extra = conn.extra_dejson or {}
@@ -291,9 +292,8 @@ class LightspeedClient(HttpTransport):
         # Refuse an unsafe URL before anything (the budget file included) is made for it.
         check_base_url(base_url, conn_id, allow_insecure_http=bool(kwargs["allow_insecure_http"]))
         if kwargs.get("budget") is None:
-            kwargs["budget"] = RateBudget.for_store(
-                base_url, registers, directory=extra.get("rate_budget_dir") or None
-            )
+            window = float(kwargs.get("rate_window_seconds", WINDOW_SECONDS))
+            kwargs["budget"] = budget_for_connection(conn_id, base_url, registers, extra, window_seconds=window)
         return cls(base_url, conn.password or "", **kwargs)
 
     # -- the calls the pipeline needs ----------------------------------------------------------------

@@ -6,7 +6,7 @@ hard part of talking to X-Series can be read in one place: bearer auth on one `r
 deadline per attempt (a timeout alone lets a trickling server hold a request for ever), bounded
 retries with jittered exponential backoff on 5xx / timeouts / network errors / 2xx bodies that are
 not the endpoint's shape (`expect`), 429 waits until `Retry-After` (HTTP-date or seconds, capped),
-pacing when `X-RateLimit-Remaining` runs low, the optional process-shared `RateBudget`, 401/403
+pacing when `X-RateLimit-Remaining` runs low, the optional shared `RequestBudget`, 401/403
 failing fast with the connection named, the `ApiStats` counters, and Decimal-exact JSON both ways.
 Every requests / urllib3 exception becomes one of our errors, its message method, path and status.
 
@@ -43,7 +43,7 @@ from include.tier_sync.lightspeed_errors import (
     LightspeedTimeout,
     LightspeedUnavailable,
 )
-from include.tier_sync.rate_budget import WINDOW_SECONDS, RateBudget, store_limit
+from include.tier_sync.rate_budget import WINDOW_SECONDS, RequestBudget, store_limit
 
 # The client's logger, not __name__: every line the client logs keeps the one name it always had.
 log = logging.getLogger("include.tier_sync.lightspeed")
@@ -270,7 +270,7 @@ class HttpTransport:
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         registers: int = 1,
-        budget: RateBudget | None = None,
+        budget: RequestBudget | None = None,
         max_rate_limit_waits: int | None = None,
         max_retry_after: float = MAX_RETRY_AFTER,
         rate_window_seconds: float = WINDOW_SECONDS,

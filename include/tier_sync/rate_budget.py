@@ -1,11 +1,13 @@
-"""A request budget shared by every process on this machine that talks to one Lightspeed store.
+"""The request budget shared by every process that talks to one Lightspeed store, and its file backend.
 
 Why: the X-Series limit (300 x registers + 50 requests per 5 minutes) is counted per retailer per
 application, so the N mapped tasks that the `lightspeed_api` pool runs at once draw from one bucket.
 Pool slots bound concurrency, not rate; this budget bounds the rate. It is a sliding-window log of
 send times kept in a small JSON file, guarded by `fcntl.flock`, so separate worker processes (and
-threads) agree on it without any server. Across machines the server's `X-RateLimit-Remaining`
-header is the authority; the client paces on that as well (see `lightspeed.py`).
+threads) agree on it without any server: the zero-setup default, per host. Workers on several
+hosts share one budget through the Redis backend (`rate_budget_redis.RedisRateBudget`, chosen with
+the connection extra `rate_budget_url`); `budget_for_connection` picks the backend. Both implement
+`RequestBudget`, the one interface the client uses (`acquire`, `block_until`, `in_window`).
 
 A sliding window is stricter than the server's (fixed) 5-minute window: it never allows more than
 `limit` sends in *any* 300 s span, so it cannot overrun a fixed window however the two are aligned.
@@ -21,6 +23,7 @@ a finite number is ignored, and send times from the future count as sent now.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -32,9 +35,11 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from include.tier_sync.lightspeed_errors import LightspeedConfigError, LightspeedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,14 @@ class RateBudgetDirError(PermissionError):
     """The budget folder is not safe to trust (owned by another user, or not a folder)."""
 
 
+class RateBudgetUnavailable(LightspeedUnavailable):
+    """The shared budget cannot be read or taken (its Redis server is down, refuses us, times out).
+
+    No request was sent: a budget that cannot be consulted is never treated as an unlimited one.
+    Transient like any `LightspeedUnavailable` (the task's retries may find the server back).
+    """
+
+
 def store_limit(registers: int) -> int:
     """The documented X-Series limit for a store: 300 per register plus 50, per 5-minute window."""
     return 300 * max(1, int(registers)) + 50
@@ -59,6 +72,50 @@ def store_limit(registers: int) -> int:
 def default_reserve(limit: int) -> int:
     """Headroom left for other callers of the same app (a manual re-run, a colleague's script)."""
     return max(1, round(limit * 0.03))
+
+
+def budget_limit(registers: int, reserve: int | None = None) -> int:
+    """A store's budget: the documented limit minus the reserve (default `default_reserve`), >= 1."""
+    limit = store_limit(registers)
+    limit -= default_reserve(limit) if reserve is None else max(0, int(reserve))
+    return max(1, limit)
+
+
+def budget_digest(key: str) -> str:
+    """The store key's short hash: the file name of the file backend, the Redis key of the other."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+
+
+def budget_for_connection(
+    conn_id: str,
+    base_url: str,
+    registers: int,
+    extra: Mapping[str, Any],
+    *,
+    window_seconds: float = WINDOW_SECONDS,
+) -> RequestBudget:
+    """The budget a client built from connection `conn_id` uses, chosen by its extras.
+
+    `rate_budget_url` (a `redis://` or `rediss://` URL) selects the Redis backend, shared by every
+    host that uses the same server; without it the file backend in `rate_budget_dir` (per host).
+    A malformed URL raises `LightspeedConfigError` naming the connection and the extra.
+    """
+    url = extra.get("rate_budget_url")
+    if url is None or (isinstance(url, str) and not url.strip()):
+        return RateBudget.for_store(
+            base_url, registers, directory=extra.get("rate_budget_dir") or None, window_seconds=window_seconds
+        )
+    if not isinstance(url, str):
+        raise LightspeedConfigError(
+            f"Lightspeed connection '{conn_id}': extra rate_budget_url must be a redis:// or rediss:// URL"
+        )
+    from include.tier_sync.rate_budget_redis import RedisRateBudget  # redis only when asked for
+
+    if extra.get("rate_budget_dir"):
+        log.info("Lightspeed connection '%s': rate_budget_dir is not used, the budget is in Redis", conn_id)
+    return RedisRateBudget.for_store(
+        base_url, registers, url=url.strip(), conn_id=conn_id, window_seconds=window_seconds
+    )
 
 
 def default_directory() -> Path:
@@ -104,74 +161,34 @@ def ensure_private_directory(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-class RateBudget:
-    """Process-safe sliding-window budget: `acquire()` takes one send slot, waiting while none is free.
+class RequestBudget(abc.ABC):
+    """The budget's interface: a sliding window of at most `limit` sends in any `window_seconds`.
 
-    `clock` must be wall-clock epoch seconds (shared across processes), hence `time.time`, not
-    `time.monotonic`. `clock` and `sleep` are injectable so tests do not wait.
+    `acquire()` takes one send slot, waiting while none is free; `block_until(epoch)` holds every
+    sharer back (after a 429), never beyond `max_block_seconds` from now; `in_window()` counts the
+    window's sends. A backend implements `_try_take`, `block_until` and `in_window`; `last_taken` is
+    the send time the last `acquire()` recorded (in the backend's clock).
     """
 
     def __init__(
         self,
-        key: str,
         limit: int,
-        window_seconds: float = WINDOW_SECONDS,
-        directory: str | os.PathLike[str] | None = None,
+        window_seconds: float,
         *,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
-        max_wait_log_interval: float = 30.0,
-        max_block_seconds: float = MAX_BLOCK_SECONDS,
+        sleep: Callable[[float], None],
+        max_wait_log_interval: float,
+        max_block_seconds: float,
     ) -> None:
         if limit < 1:
             raise ValueError(f"rate budget limit must be >= 1, got {limit}")
         if window_seconds <= 0:
             raise ValueError(f"rate budget window must be > 0, got {window_seconds}")
-        self.key = key
         self.limit = int(limit)
         self.window_seconds = float(window_seconds)
-        self.directory = Path(directory) if directory else default_directory()
-        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-        self.path = self.directory / f"budget-{digest}.json"
-        self.lock_path = self.directory / f"budget-{digest}.lock"
-        self._clock = clock
+        self.max_block_seconds = float(max_block_seconds)
         self._sleep = sleep
         self._log_interval = max_wait_log_interval
-        self.max_block_seconds = float(max_block_seconds)
-        # flock is per open file description; threads of one process share ours, so serialise them.
-        self._thread_lock = threading.Lock()
-        self.last_taken: float | None = None  # the send time recorded by the last acquire()
-
-    @classmethod
-    def for_store(
-        cls,
-        base_url: str,
-        registers: int = 1,
-        directory: str | os.PathLike[str] | None = None,
-        *,
-        reserve: int | None = None,
-        window_seconds: float = WINDOW_SECONDS,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> RateBudget:
-        """The budget of one store (keyed by its API base URL): the documented limit minus a reserve."""
-        limit = store_limit(registers)
-        limit -= default_reserve(limit) if reserve is None else max(0, int(reserve))
-        return cls(
-            base_url.rstrip("/"),
-            max(1, limit),
-            window_seconds,
-            directory,
-            clock=clock,
-            sleep=sleep,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"RateBudget(limit={self.limit}, window_seconds={self.window_seconds}, path={str(self.path)!r})"
-        )
-
-    # -- public API -------------------------------------------------------------------------------
+        self.last_taken: float | None = None
 
     def acquire(self) -> float:
         """Take one slot, sleeping until one frees up. Returns the seconds spent waiting."""
@@ -193,6 +210,83 @@ class RateBudget:
                 last_log = waited
             self._sleep(wait)
             waited += wait
+
+    @abc.abstractmethod
+    def _try_take(self) -> float:
+        """Record a send now and return 0, or return how long to wait before trying again."""
+
+    @abc.abstractmethod
+    def block_until(self, until: float) -> None:
+        """Hold every sharer back until epoch `until` (clamped to `max_block_seconds` from now)."""
+
+    @abc.abstractmethod
+    def in_window(self) -> int:
+        """How many sends the current window holds (for logs and tests)."""
+
+
+class RateBudget(RequestBudget):
+    """The file backend: a sliding-window log in a flock-guarded JSON file, shared on one host.
+
+    `clock` must be wall-clock epoch seconds (shared across processes), hence `time.time`, not
+    `time.monotonic`. `clock` and `sleep` are injectable so tests do not wait.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        limit: int,
+        window_seconds: float = WINDOW_SECONDS,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        max_wait_log_interval: float = 30.0,
+        max_block_seconds: float = MAX_BLOCK_SECONDS,
+    ) -> None:
+        super().__init__(
+            limit,
+            window_seconds,
+            sleep=sleep,
+            max_wait_log_interval=max_wait_log_interval,
+            max_block_seconds=max_block_seconds,
+        )
+        self.key = key
+        self.directory = Path(directory) if directory else default_directory()
+        digest = budget_digest(key)
+        self.path = self.directory / f"budget-{digest}.json"
+        self.lock_path = self.directory / f"budget-{digest}.lock"
+        self._clock = clock
+        # flock is per open file description; threads of one process share ours, so serialise them.
+        self._thread_lock = threading.Lock()
+
+    @classmethod
+    def for_store(
+        cls,
+        base_url: str,
+        registers: int = 1,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        reserve: int | None = None,
+        window_seconds: float = WINDOW_SECONDS,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> RateBudget:
+        """The budget of one store (keyed by its API base URL): the documented limit minus a reserve."""
+        return cls(
+            base_url.rstrip("/"),
+            budget_limit(registers, reserve),
+            window_seconds,
+            directory,
+            clock=clock,
+            sleep=sleep,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RateBudget(limit={self.limit}, window_seconds={self.window_seconds}, path={str(self.path)!r})"
+        )
+
+    # -- the interface ---------------------------------------------------------------------------
 
     def block_until(self, until: float) -> None:
         """Hold every process back until epoch `until` (after a 429 the server told us when to return)."""
