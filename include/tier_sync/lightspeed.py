@@ -260,7 +260,8 @@ class LightspeedClient(HttpTransport):
 
         host = API base URL (or empty + extra `domain_prefix`), password = personal token. Extras,
         all optional, strings accepted: `domain_prefix`, `registers`, `page_size`, `timeout`,
-        `max_retries`, `rate_budget_dir`, `rate_budget_url`, `request_deadline_seconds`, `max_pages`,
+        `max_retries`, `rate_budget_dir`, `rate_budget_url` / `rate_budget_redis_conn_id`,
+        `request_deadline_seconds`, `max_pages`,
         `allow_insecure_http` (plain http, e.g. to the simulator: testing only).
         `overrides` go to the constructor (tests, tuning); the budget's window is the client's
         `rate_window_seconds` (the server's window: 300 s unless overridden).
@@ -293,7 +294,9 @@ class LightspeedClient(HttpTransport):
         check_base_url(base_url, conn_id, allow_insecure_http=bool(kwargs["allow_insecure_http"]))
         if kwargs.get("budget") is None:
             window = float(kwargs.get("rate_window_seconds", WINDOW_SECONDS))
-            kwargs["budget"] = budget_for_connection(conn_id, base_url, registers, extra, window_seconds=window)
+            kwargs["budget"] = budget_for_connection(
+                conn_id, base_url, registers, extra, window_seconds=window, get_connection=_get_connection
+            )
         return cls(base_url, conn.password or "", **kwargs)
 
     # -- the calls the pipeline needs ----------------------------------------------------------------

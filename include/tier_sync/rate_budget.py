@@ -93,28 +93,40 @@ def budget_for_connection(
     extra: Mapping[str, Any],
     *,
     window_seconds: float = WINDOW_SECONDS,
+    get_connection: Callable[[str], Any] | None = None,
 ) -> RequestBudget:
     """The budget a client built from connection `conn_id` uses, chosen by its extras.
 
-    `rate_budget_url` (a `redis://` or `rediss://` URL) selects the Redis backend, shared by every
-    host that uses the same server; without it the file backend in `rate_budget_dir` (per host).
-    A malformed URL raises `LightspeedConfigError` naming the connection and the extra.
+    `rate_budget_url` (a `redis://` or `rediss://` URL), or `rate_budget_redis_conn_id` (an Airflow
+    connection of type redis, read with `get_connection`), selects the Redis backend, shared by every
+    host that uses the same server; with neither, the file backend in `rate_budget_dir` (per host).
+    A malformed or ambiguous setting raises `LightspeedConfigError` naming the connection and extra.
     """
-    url = extra.get("rate_budget_url")
-    if url is None or (isinstance(url, str) and not url.strip()):
+    url, redis_conn_id = extra.get("rate_budget_url"), extra.get("rate_budget_redis_conn_id")
+    if not url and not redis_conn_id:
         return RateBudget.for_store(
             base_url, registers, directory=extra.get("rate_budget_dir") or None, window_seconds=window_seconds
         )
-    if not isinstance(url, str):
-        raise LightspeedConfigError(
-            f"Lightspeed connection '{conn_id}': extra rate_budget_url must be a redis:// or rediss:// URL"
-        )
-    from include.tier_sync.rate_budget_redis import RedisRateBudget  # redis only when asked for
+    from include.tier_sync import rate_budget_redis as rbr  # redis only when asked for
 
+    if url and redis_conn_id:
+        raise LightspeedConfigError(
+            f"Lightspeed connection '{conn_id}': set extra rate_budget_url or rate_budget_redis_conn_id, not both"
+        )
+    name = rbr.URL_EXTRA if url else rbr.CONN_EXTRA
+    if not isinstance(url or redis_conn_id, str):
+        raise LightspeedConfigError(
+            f"Lightspeed connection '{conn_id}': extra {name} must be "
+            + ("a redis:// or rediss:// URL" if url else "an Airflow connection id")
+        )
+    if redis_conn_id:
+        if get_connection is None:
+            raise LightspeedConfigError(f"Lightspeed connection '{conn_id}': {name} needs Airflow connections")
+        url = rbr.url_from_connection(get_connection(redis_conn_id), redis_conn_id)
     if extra.get("rate_budget_dir"):
         log.info("Lightspeed connection '%s': rate_budget_dir is not used, the budget is in Redis", conn_id)
-    return RedisRateBudget.for_store(
-        base_url, registers, url=url.strip(), conn_id=conn_id, window_seconds=window_seconds
+    return rbr.RedisRateBudget.for_store(
+        base_url, registers, url=str(url).strip(), conn_id=conn_id, extra_name=name, window_seconds=window_seconds
     )
 
 

@@ -2,7 +2,8 @@
 
 Why: the file backend (`rate_budget.RateBudget`) is per host, so two Celery workers on two machines
 would each believe they own the whole X-Series limit. Here the window lives in Redis, chosen with
-the connection extra `rate_budget_url` (`redis://[:password@]host:6379/1`, `rediss://` for TLS);
+the connection extra `rate_budget_url` (`redis://[:password@]host:6379/1`, `rediss://` for TLS) or
+`rate_budget_redis_conn_id` (an Airflow connection of type redis, its password in its password field);
 the interface and semantics are `rate_budget.RequestBudget`'s, the same as the file's.
 
 How it stays exact across hosts:
@@ -33,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import redis
 import redis.backoff
@@ -53,6 +54,7 @@ from include.tier_sync.rate_budget import (
 log = logging.getLogger(__name__)
 
 URL_EXTRA = "rate_budget_url"
+CONN_EXTRA = "rate_budget_redis_conn_id"
 KEY_PREFIX = "tier_sync:rate_budget"
 SCHEMES = ("redis", "rediss")
 DEFAULT_PORT = 6379
@@ -133,12 +135,12 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}:{port}{parts.path or ''}"
 
 
-def check_url(url: str, conn_id: str) -> SplitResult:
+def check_url(url: str, conn_id: str, extra_name: str = URL_EXTRA) -> SplitResult:
     """The parts of a usable `rate_budget_url`, or `LightspeedConfigError` saying what is wrong."""
 
     def refuse(why: str) -> LightspeedConfigError:
         return LightspeedConfigError(
-            f"Lightspeed connection '{conn_id}': extra {URL_EXTRA} ({redacted(url)}) {why}; "
+            f"Lightspeed connection '{conn_id}': extra {extra_name} ({redacted(url)}) {why}; "
             f"expected redis://[:password@]host:port/db or rediss://... (TLS)"
         )
 
@@ -159,10 +161,27 @@ def check_url(url: str, conn_id: str) -> SplitResult:
     return parts
 
 
+def url_from_connection(redis_conn: Any, redis_conn_id: str) -> str:
+    """The Redis URL of an Airflow connection (type redis): host, port, login, password; extras
+    `db` (default 0) and `ssl` (true: `rediss://`). The password stays in that connection's
+    password field, out of the Lightspeed connection's extras (which the UI shows in clear)."""
+    extra = redis_conn.extra_dejson or {}
+    ssl = str(extra.get("ssl", "")).strip().lower() in ("true", "1", "yes", "on")
+    auth = ""
+    if redis_conn.login or redis_conn.password:
+        auth = f"{quote(redis_conn.login or '', safe='')}:{quote(redis_conn.password or '', safe='')}@"
+    host = (redis_conn.host or "").strip()
+    port = redis_conn.port or DEFAULT_PORT
+    db = str(extra.get("db", 0)).strip()
+    if not host:
+        raise LightspeedConfigError(f"Redis connection '{redis_conn_id}' (the request budget's) has no host")
+    return f"{'rediss' if ssl else 'redis'}://{auth}{host}:{port}/{db}"
+
+
 class RedisRateBudget(RequestBudget):
     """The Redis backend of `RequestBudget` (see the module docstring).
 
-    `source` names where the URL came from in error messages (connection and extra). `clock` (this
+    `conn_id` and `extra_name` name where the URL came from in error messages. `clock` (this
     host's epoch seconds) only turns `block_until(epoch)` into a hold length; the window itself runs
     on Redis's clock. `client` (a `redis.Redis`) is injectable; by default one is built from `url`.
     """
@@ -175,6 +194,7 @@ class RedisRateBudget(RequestBudget):
         *,
         url: str,
         conn_id: str = "lightspeed_default",
+        extra_name: str = URL_EXTRA,
         client: redis.Redis | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -189,10 +209,10 @@ class RedisRateBudget(RequestBudget):
             max_wait_log_interval=max_wait_log_interval,
             max_block_seconds=max_block_seconds,
         )
-        parts = check_url(url, conn_id)
+        parts = check_url(url, conn_id, extra_name)
         self.key = key
         self.where = redacted(url)
-        self.source = f"connection '{conn_id}', extra {URL_EXTRA}"
+        self.source = f"connection '{conn_id}', extra {extra_name}"
         self._password = unquote(parts.password) if parts.password else None
         digest = budget_digest(key)
         self.sent_key = f"{KEY_PREFIX}:{{{digest}}}:sent"
@@ -216,6 +236,7 @@ class RedisRateBudget(RequestBudget):
         *,
         url: str,
         conn_id: str = "lightspeed_default",
+        extra_name: str = URL_EXTRA,
         reserve: int | None = None,
         window_seconds: float = WINDOW_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
@@ -227,6 +248,7 @@ class RedisRateBudget(RequestBudget):
             window_seconds,
             url=url,
             conn_id=conn_id,
+            extra_name=extra_name,
             sleep=sleep,
         )
 

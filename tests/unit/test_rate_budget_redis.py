@@ -414,3 +414,34 @@ def test_two_hosts_with_their_own_file_budgets_do_overrun(tmp_path: Path) -> Non
     results, per_window, rejected = _hammer(tmp_path, lambda i: {})
     assert rejected > 0 and sum(r["rate_limited"] for r in results) == rejected
     assert max(per_window.values()) > 350
+
+
+# -- the password in an Airflow connection of its own --------------------------------------------
+
+
+def test_a_redis_airflow_connection_keeps_the_password_out_of_the_extras(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: RedisServer
+) -> None:
+    redis_conn = {"conn_type": "redis", "host": "127.0.0.1", "port": server.port, "password": PASSWORD}
+    monkeypatch.setenv("AIRFLOW_CONN_TIER_SYNC_REDIS", json.dumps({**redis_conn, "extra": {"db": 3}}))
+    with running_simulator(token=TOKEN) as sim:
+        conn = _connection(sim, tmp_path, rate_budget_redis_conn_id="tier_sync_redis")
+        monkeypatch.setenv("AIRFLOW_CONN_LIGHTSPEED_DEFAULT", conn)
+        client = LightspeedClient.from_connection("lightspeed_default")
+        assert isinstance(client.budget, RedisRateBudget)
+        assert client.budget.where == f"redis://127.0.0.1:{server.port}/3"
+        assert PASSWORD not in repr(client.budget)
+        client.list_customer_groups()
+        db3 = redis.Redis(host="127.0.0.1", port=server.port, password=PASSWORD, db=3)
+        assert db3.zcard(client.budget.sent_key) == 1
+        server.stop()
+        with pytest.raises(RateBudgetUnavailable) as err:
+            client.list_customer_groups()
+        assert "rate_budget_redis_conn_id" in str(err.value) and PASSWORD not in str(err.value)
+        assert len(sim.requests) == 1
+
+
+def test_both_redis_extras_at_once_are_refused() -> None:
+    extra = {"rate_budget_url": "redis://127.0.0.1:6379/0", "rate_budget_redis_conn_id": "tier_sync_redis"}
+    with pytest.raises(LightspeedConfigError, match="not both"):
+        budget_for_connection("lightspeed_default", STORE_URL, 1, extra, get_connection=lambda _: None)
