@@ -6,7 +6,8 @@ Pool slots bound concurrency, not rate; this budget bounds the rate. It is a sli
 send times kept in a small JSON file, guarded by `fcntl.flock`, so separate worker processes (and
 threads) agree on it without any server: the zero-setup default, per host. Workers on several
 hosts share one budget through the Redis backend (`rate_budget_redis.RedisRateBudget`, chosen with
-the connection extra `rate_budget_url`); `budget_for_connection` picks the backend. Both implement
+the connection extra `rate_budget_url` or `rate_budget_redis_conn_id`); `budget_for_connection`
+picks the backend. Both implement
 `RequestBudget`, the one interface the client uses (`acquire`, `block_until`, `in_window`).
 
 A sliding window is stricter than the server's (fixed) 5-minute window: it never allows more than
