@@ -183,6 +183,8 @@ class AirflowCluster:
             `env` and a worker in `extra_services`).
         extra_services: more long-running processes, name -> argv after `airflow`
             (e.g. `{"celery-worker": ["celery", "worker", "--concurrency", "4"]}`).
+        service_env: per-service environment on top of `env` (e.g. a worker's own AIRFLOW_HOME,
+            to stand for a second host that shares nothing on disk with the first).
         pools: pools to set after loading the settings file (name -> slots).
         settings_file: the Astro `airflow_settings.yaml` to load (None: skip).
         use_job_schedule: see the module docstring.
@@ -196,6 +198,7 @@ class AirflowCluster:
         env: Mapping[str, str] | None = None,
         executor: str = "LocalExecutor",
         extra_services: Mapping[str, Sequence[str]] | None = None,
+        service_env: Mapping[str, Mapping[str, str]] | None = None,
         pools: Mapping[str, int] | None = None,
         settings_file: Path | None = REPO_ROOT / "airflow_settings.yaml",
         use_job_schedule: bool = False,
@@ -206,6 +209,7 @@ class AirflowCluster:
         self.logs = self.workdir / "logs"
         self.executor = executor
         self.extra_services = {k: list(v) for k, v in (extra_services or {}).items()}
+        self.service_env = {k: dict(v) for k, v in (service_env or {}).items()}
         self.pools = dict(pools or {})
         self.settings_file = settings_file
         self.pg_admin_dsn = pg_dsn or admin_dsn()
@@ -326,7 +330,7 @@ class AirflowCluster:
             proc = subprocess.Popen(
                 self._argv(name),
                 cwd=REPO_ROOT,
-                env=self.env,
+                env={**self.env, **self.service_env.get(name, {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
