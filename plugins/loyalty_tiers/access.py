@@ -106,6 +106,12 @@ def customer_lookup(request: Request, user: Any, action: str) -> CustomerLookup:
     if not can_view_customers(user):
         write_audit(policy.DENIED_EVENT, user, request, action, [])
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail=policy.DENIED_MESSAGE)
+    return permitted_lookup(request, user, action)
+
+
+def permitted_lookup(request: Request, user: Any, action: str) -> CustomerLookup:
+    """For a user already known to hold the permission: 429 past the hourly limit (audited), else
+    a lookup to record."""
     now = datetime.now(UTC)
     decision = policy.decide(_recent_lookups(user, now), _lookup_limit(), now)
     if not decision.allowed:

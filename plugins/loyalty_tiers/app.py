@@ -29,7 +29,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from include.tier_sync import dashboard
 from include.tier_sync.customer_access import DENIED_MESSAGE, PERMISSION
-from loyalty_tiers.access import CustomerLookup, can_read_dag, can_view_customers, customer_lookup
+from loyalty_tiers.access import (
+    CustomerLookup,
+    can_read_dag,
+    can_view_customers,
+    customer_lookup,
+    permitted_lookup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +180,7 @@ def api_at_risk(
 ) -> JSONResponse:
     """The counts for everyone who may read the DAG; the names only with the customer permission
     (a lookup of the customers on this page: audited and counted)."""
-    lookup = customer_lookup(request, user, "at_risk") if can_view_customers(user) else None
+    lookup = permitted_lookup(request, user, "at_risk") if can_view_customers(user) else None
     payload = dashboard.at_risk(
         _data_dir(), dashboard.resolve_rules(), within_days=within_days, limit=limit, offset=offset
     )

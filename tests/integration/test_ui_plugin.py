@@ -331,6 +331,16 @@ def read_master(data_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def expected_at_risk(master: list[dict[str, str]]) -> set[str]:
+    """Who the page must list as at risk within 30 days, read off the CSV: Sprout only through the
+    3-purchases rule (Lifetime Value under $250), so the next purchase leaving the window drops them."""
+    return {
+        r["Customer ID"]
+        for r in master
+        if r["Tier"] == "Sprout" and float(r["Lifetime Value"]) < 250 and int(r["Purchases Last 30 Days"]) >= 3
+    }
+
+
 def tier_counts(data_dir: Path) -> Counter[str]:
     return Counter(r["Tier"] for r in read_master(data_dir))
 
@@ -433,13 +443,7 @@ def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
     assert viewer_risk["total"] == risk["total"] and viewer_risk["by_days_left"] == risk["by_days_left"]
     assert viewer_risk["customers"] == [] and viewer_risk["customers_visible"] is False
     master = read_master(demo_data)
-    expected = {
-        r["Customer ID"]
-        for r in master
-        if r["Tier"] == "Sprout"
-        and float(r["Lifetime Value"]) < 250
-        and int(r["Purchases Last 30 Days"]) >= 3
-    }
+    expected = expected_at_risk(master)
     assert {c["customer_id"] for c in risk["customers"]} == expected
     assert risk["total"] == len(expected) and risk["exact"] == len(expected)
     assert all("email" not in c for c in risk["customers"])
@@ -654,13 +658,7 @@ def test_page_in_the_airflow_ui(server: Server, demo_data: Path) -> None:
             == "data-docs/index.html"
         )
         master = read_master(demo_data)
-        at_risk = sum(
-            1
-            for r in master
-            if r["Tier"] == "Sprout"
-            and float(r["Lifetime Value"]) < 250
-            and int(r["Purchases Last 30 Days"]) >= 3
-        )
+        at_risk = len(expected_at_risk(master))
         assert int(browser.eval(in_doc("d.getElementById('kpi-at-risk').innerText"))) == at_risk
         browser.screenshot(ARTIFACTS / "loyalty_tiers.png")
 
@@ -717,13 +715,7 @@ def test_page_for_a_viewer(server: Server, demo_data: Path) -> None:
             browser.eval(in_doc("d.getElementById('kpi-customers').innerText")).replace(",", "")
         ) == sum(counts.values())
         master = read_master(demo_data)
-        at_risk = sum(
-            1
-            for r in master
-            if r["Tier"] == "Sprout"
-            and float(r["Lifetime Value"]) < 250
-            and int(r["Purchases Last 30 Days"]) >= 3
-        )
+        at_risk = len(expected_at_risk(master))
         assert int(browser.eval(in_doc("d.getElementById('kpi-at-risk').innerText"))) == at_risk
         assert browser.eval(in_doc("!d.getElementById('risk-table')"))
         if at_risk:

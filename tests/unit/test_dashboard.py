@@ -457,6 +457,7 @@ def test_plugin_app_endpoints(local_dir: str, monkeypatch: pytest.MonkeyPatch) -
         return Lookup()
 
     monkeypatch.setattr(app_module, "customer_lookup", lookup)
+    monkeypatch.setattr(app_module, "permitted_lookup", lookup)
     monkeypatch.setattr(app_module, "can_view_customers", lambda user: allowed["customers"])
     monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", local_dir)
     app.dependency_overrides[require_user] = lambda: {"name": "test"}

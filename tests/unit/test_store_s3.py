@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
 
 from include.tier_sync import fileio
 from include.tier_sync import store as store_module
 from include.tier_sync.extract import extract_orders
 from include.tier_sync.store import OrderStore, StoreError, sale_to_row
+from tests.servers import s3_server
 from tests.unit.test_extract import seeded_client, stored
 from tests.unit.test_store import keys, raw_sale
 
@@ -35,14 +35,9 @@ def sale_rows(*pairs: tuple[str, int]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 API on a free loopback port (port 0: the OS picks it), stopped after the module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    """moto's S3 API on a free loopback port, stopped after the module."""
+    with s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
