@@ -8,6 +8,10 @@ A read-modify-write that must not lose a concurrent writer's update (the order s
 needs more: locally `exclusive_lock`; on S3 a conditional PUT (`read_bytes_tagged` gives the ETag
 of exactly the bytes read, `write_bytes_if` writes only while the object still has it). The other
 object-storage schemes (gs, az/abfs, memory) have neither here: `has_conditional_write` says which.
+
+An object-storage URL may name an Airflow connection the way Airflow's ObjectStoragePath does,
+`s3://aws_default@bucket/prefix`: the file system then comes from `airflow.sdk.io.get_fs` with that
+connection's credentials and endpoint (`storage_connection`), never from the process environment.
 """
 
 from __future__ import annotations
@@ -57,7 +61,14 @@ def join(base: str, *parts: str) -> str:
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
-    """The fsspec file system and in-filesystem path of a URL or local path."""
+    """The fsspec file system and in-filesystem path of a URL or local path (for a URL naming an
+    Airflow connection, the connection's file system: see `storage_connection`)."""
+    from include.tier_sync import storage_connection
+
+    conn_id, plain = storage_connection.split(url)
+    if conn_id is not None:
+        fs = storage_connection.connection_filesystem(plain.split("://", 1)[0], conn_id)
+        return fs, str(fs._strip_protocol(plain))
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(url)

@@ -113,7 +113,8 @@ def check_data_dir(raw: str | None) -> str:
     """The data dir a `tier_sync_data_dir` value names, or ValueError naming the Variable.
 
     Unset or blank: `$AIRFLOW_HOME/tier_sync_data`. Otherwise an absolute local path or a URL of
-    DATA_DIR_SCHEMES without credentials, query or fragment. The one validator: tasks (`data_dir`)
+    DATA_DIR_SCHEMES without credentials, query or fragment (an s3:// URL may name an Airflow
+    connection: s3://<conn_id>@bucket/prefix, see storage_connection). The one validator: tasks (`data_dir`)
     and the page (`dashboard.resolve_data_dir`) both call it. Messages never echo the value.
     """
     if raw is None or not raw.strip():
@@ -166,14 +167,17 @@ def _url_problem(scheme: str, value: str) -> str | None:
         if parts.netloc or not parts.path.startswith("/"):
             return "a file:// URL must name an absolute path and no host: file:///absolute/path"
         return None
-    if "@" in parts.netloc:
-        if scheme in _AZURE_SCHEMES and _AZURE_ACCOUNT.match(parts.netloc):
+    netloc = parts.netloc
+    if "@" in netloc:
+        if scheme in _AZURE_SCHEMES and _AZURE_ACCOUNT.match(netloc):
             return None
-        return (
-            f"the {scheme}:// URL carries credentials (user info before '@'); give storage "
-            "credentials through the environment, an instance role or the fsspec configuration"
-        )
-    if scheme != "memory" and not _BUCKET.match(parts.netloc):
+        from include.tier_sync.storage_connection import connection_id_problem
+
+        user, netloc = netloc.rsplit("@", 1)
+        problem = connection_id_problem(scheme, user)
+        if problem is not None:
+            return problem
+    if scheme != "memory" and not _BUCKET.match(netloc):
         return f"the {scheme}:// URL must start with a bucket or container name: {scheme}://bucket/prefix"
     return None
 

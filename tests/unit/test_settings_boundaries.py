@@ -43,7 +43,7 @@ def fresh_cache() -> Iterator[None]:
         ("https://example.org/tier-sync", "'https'"),
         ("ftp://files.example.org/tier-sync", "'ftp'"),
         (f"s3://AKIAEXAMPLE:{SECRET}@bucket/tier-sync", "s3://"),
-        (f"s3://{SECRET}@bucket/tier-sync", "s3://"),
+        (f"s3://{SECRET}+x@bucket/tier-sync", "s3://"),
         ("s3://bucket/tier-sync?endpoint_url=http://169.254.169.254", "s3://"),
         ("s3://bucket/tier-sync#frag", "s3://"),
         ("simplecache::s3://bucket/tier-sync", None),
