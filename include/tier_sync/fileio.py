@@ -36,7 +36,7 @@ CONDITIONAL_WRITE_SCHEMES = ("s3", "s3a")
 # S3's answers to a conditional PUT that lost: 412 (the ETag no longer matches, or the object
 # exists for If-None-Match) and 409 (a concurrent conditional write to the same key is under way).
 _CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
-_TAGGED_READ_ATTEMPTS = 3
+_TAGGED_READ_ATTEMPTS = 5
 
 
 class WriteConflict(Exception):
@@ -155,7 +155,10 @@ def _describe(condition: dict[str, str]) -> str:
 
 
 def _is_conflict(exc: BaseException) -> bool:
-    """Whether an s3fs error is S3 refusing a condition (its botocore ClientError is the cause)."""
+    """Whether an s3fs error is S3 refusing a condition (its botocore ClientError is the cause), or
+    s3fs's FileExpired: the object's ETag changed while it was being read."""
+    if type(exc).__name__ == "FileExpired":
+        return True
     response = getattr(exc.__cause__, "response", None)
     if not isinstance(response, dict):
         return False

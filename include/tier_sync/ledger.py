@@ -17,8 +17,9 @@ every rule that compares runs:
   replaces the stable copies (master, changes, `latest.json`, the latest validation report and
   sync log), commits a new master to git, or writes to the POS.
 - **One writer at a time.** `publishing()` serializes every write of the stable copies and the
-  tier history: an exclusive lock file on a local data dir; the DAG also runs `publish_run` one
-  instance at a time (`max_active_tis_per_dag=1`), which holds for any storage.
+  tier history: an exclusive lock file on a local data dir, a leased lock object on S3
+  (`object_lock`); the DAG also runs `publish_run` one instance at a time
+  (`max_active_tis_per_dag=1`), which is the only guard on gs / az.
 """
 
 from __future__ import annotations
@@ -378,11 +379,21 @@ def publishing(paths: RunPaths) -> Iterator[None]:
         return
     held.add(paths.data_dir)
     try:
-        # On object storage the DAG's one-at-a-time publish_run task is the lock.
-        with fileio.exclusive_lock(paths.publish_lock):
+        with _publish_lock(paths.publish_lock):
             yield
     finally:
         held.discard(paths.data_dir)
+
+
+def _publish_lock(url: str) -> contextlib.AbstractContextManager[None]:
+    """An flock on a local data dir; on S3 a leased lock object of conditional writes (two hosts,
+    `airflow dags test` and the erasure tool included); on gs / az / memory:// none, and the DAG's
+    one-at-a-time publish_run task is the only guard."""
+    if fileio.has_conditional_write(url):
+        from include.tier_sync.object_lock import s3_lock
+
+        return s3_lock(url)
+    return fileio.exclusive_lock(url)
 
 
 _HELD = threading.local()  # data dirs whose lock this thread holds (publishing() is re-entrant)
