@@ -44,6 +44,10 @@ def test_compose_runs_celery_on_postgres_and_redis_with_this_project(compose: di
     assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://")
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
     assert env["PYTHONPATH"] == "/opt/airflow"  # `include` importable in every container
+    # A production auth manager (users and roles in the DB), never SimpleAuthManager's password file.
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"] == "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+    init = compose["services"]["airflow-init"]["environment"]
+    assert init["_AIRFLOW_WWW_USER_CREATE"] == "true" and init["_AIRFLOW_DB_MIGRATE"] == "true"
     mounts = {m.rsplit(":", 2)[1] if m.endswith(":ro") else m.rsplit(":", 1)[1] for m in worker["volumes"]}
     # The code is the image's, not a bind mount of whatever checkout the host has.
     assert not {"/opt/airflow/dags", "/opt/airflow/include", "/opt/airflow/plugins"} & mounts
@@ -51,6 +55,36 @@ def test_compose_runs_celery_on_postgres_and_redis_with_this_project(compose: di
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"):
         service = compose["services"][name]
         assert service["build"] == "." and "tier-sync-data:/opt/airflow/data" in service["volumes"]
+
+
+# The service keys this file may use (the Compose Specification's service properties it needs).
+SERVICE_KEYS = {"image", "build", "environment", "volumes", "user", "depends_on", "command", "entrypoint",
+                "ports", "expose", "healthcheck", "restart", "profiles"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+def test_compose_file_is_structurally_valid(compose: dict) -> None:  # type: ignore[type-arg]
+    """No Docker here (`docker compose config` is unavailable), so the checks it would make that
+    matter for this file: known keys, dependencies on services that exist with valid conditions,
+    named volumes declared, healthchecks with a test, interpolations well formed."""
+    services = compose["services"]
+    for name, service in services.items():
+        assert set(service) <= SERVICE_KEYS, (name, set(service) - SERVICE_KEYS)
+        assert "image" in service or "build" in service, name
+        for dep, spec in (service.get("depends_on") or {}).items():
+            assert dep in services and dep != name, (name, dep)
+            assert spec["condition"] in CONDITIONS, (name, dep, spec)
+        for mount in service.get("volumes") or []:
+            source = mount.split(":", 1)[0]
+            if not source.startswith(("$", ".", "/")):
+                assert source in compose["volumes"], (name, source)
+        if "healthcheck" in service:
+            assert service["healthcheck"]["test"], name
+        env = service.get("environment") or {}
+        assert isinstance(env, dict) and all(isinstance(v, str) for v in env.values()), name
+    text = (REPO / "docker-compose.yaml").read_text()
+    for expr in re.findall(r"\$\{([^}]*)\}", text):
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(?:(?::?-|:?\?)[^}]*)?", expr), expr
 
 
 def test_image_holds_the_pinned_requirements_and_the_code() -> None:
@@ -110,7 +144,8 @@ def test_every_variable_compose_reads_is_in_env_example() -> None:
     example = env_example()
     assert set(used) <= set(example), f"missing from .env.example: {sorted(set(used) - set(example))}"
     # Secrets have no default: compose stops with a message instead of running unencrypted.
-    for name in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__BASE_URL"):
+    for name in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__BASE_URL",
+                 "AIRFLOW__API__SECRET_KEY", "_AIRFLOW_WWW_USER_PASSWORD"):
         assert used[name] in (":?", "?"), name
         assert example[name] == "" or name == "AIRFLOW__API__BASE_URL"  # no sample secret to reuse
     assert example["AIRFLOW__API__BASE_URL"].startswith("http")
