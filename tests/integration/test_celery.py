@@ -1,23 +1,32 @@
-"""The distributed path: customer_tier_sync end to end under the CeleryExecutor.
+"""The distributed path: customer_tier_sync end to end under the CeleryExecutor, on two "hosts".
 
-The same project, unchanged, with work handed to a Celery worker the way docker-compose.yaml runs
-it: scheduler, api-server and dag-processor (tests/integration/cluster.py) plus one
-`airflow celery worker`, PostgreSQL as metadata DB *and* Celery result backend, Redis as broker.
-Only configuration differs from the embedded default. The test triggers the onboarding run
-(`{"allow_mass_change": true}`), waits for success, checks every customer's final group against the
-independent oracle (tests/oracle.py), and proves each task instance went through
-Celery and ran on the worker: its Celery task id (`external_executor_id`) is a SUCCESS row in the
-PostgreSQL result backend and shows up in the worker's log, and it was routed to the worker's queue.
+The same project, unchanged, with work handed to two Celery workers the way docker-compose.yaml
+runs them: scheduler, api-server and dag-processor (tests/integration/cluster.py) plus two
+`airflow celery worker`s, PostgreSQL as metadata DB *and* Celery result backend, Redis as broker.
+The two workers stand for two machines: each has its own AIRFLOW_HOME (logs, git work copy) and
+shares nothing on disk with the other but the project's code. What a deployment shares, they share
+over the network only: the data dir on an S3 server (moto, `s3://<conn_id>@bucket/...` with the
+credentials in an Airflow connection), the Lightspeed request budget in Redis
+(`rate_budget_url`), and the git remote over HTTP (`git http-backend` behind Basic auth).
+
+The test triggers the onboarding run (`{"allow_mass_change": true}`), waits for success, checks
+every customer's final group against the independent oracle (tests/oracle.py), and proves each
+task instance went through Celery and ran on one of the workers: its Celery task id
+(`external_executor_id`) is a SUCCESS row in the PostgreSQL result backend and shows up in exactly
+one worker's log, both workers ran tasks, and neither wrote a data dir, a request budget or a git
+remote to its own disk.
 
 Isolation from other users of this machine: a throw-away PostgreSQL database (dropped after), a
 Redis DB index of its own (`TIER_SYNC_IT_REDIS_URL`, default `redis://127.0.0.1:6379/13`), a queue
-and worker name unique to the run, and at the end only the Redis keys this run created are removed
+and worker names unique to the run, and at the end only the Redis keys this run created are removed
 (never FLUSHDB/FLUSHALL).
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 import os
 import secrets
@@ -28,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests import oracle
 from tests.integration.cluster import AirflowCluster, max_overlap, postgres_unavailable_reason
+from tests.servers import git_http_server, s3_server
 from tools.lightspeed_sim import generate_demo_store
 from tools.lightspeed_sim.testing import running_simulator
 
@@ -74,16 +85,44 @@ def redis_keys() -> Iterator[set[str]]:
     client.close()
 
 
-def test_end_to_end_under_celery_executor(tmp_path: Path, redis_keys: set[str]) -> None:
+S3_CONN_ID = "tier_sync_s3"
+S3_KEY, S3_SECRET = "AKIDCELERYTWOHOSTS", "celery-s3-secret-90b1"
+GIT_USER, GIT_TOKEN = "tier-bot", "celery-git-token-6c4f"
+WORKERS = ("worker-a", "worker-b")
+
+
+def _worker_argv(queue: str, name: str) -> list[str]:
+    # concurrency 1 each: while one worker runs a sync batch, the pool's second slot goes to the other
+    return ["celery", "worker", "--concurrency", "1", "--queues", queue, "--celery-hostname", f"{name}@%h",
+            "--skip-serve-logs", "--without-mingle", "--without-gossip"]
+
+
+def _read_s3(endpoint: str, path: str) -> bytes:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=endpoint, skip_instance_cache=True)
+    data: bytes = fs.cat_file(path)
+    return data
+
+
+def test_end_to_end_under_celery_executor_on_two_hosts(tmp_path: Path, redis_keys: set[str]) -> None:
     for reason in (postgres_unavailable_reason(), redis_unavailable_reason(REDIS_URL)):
         if reason:
             pytest.skip(reason)
+    import subprocess
+
+    import s3fs
+
     t0 = time.monotonic()
     run_tag = secrets.token_hex(4)
     queue = f"tier_sync_it_{run_tag}"
-    worker = f"tier-sync-it-{run_tag}"
-    redis_keys.update({queue, worker})
-    data_dir = tmp_path / "data"
+    names = {w: f"tier-sync-it-{run_tag}-{w}" for w in WORKERS}
+    redis_keys.update({queue, *names.values(), "tier_sync:rate_budget"})
+    budget_keys_before = {k for k in _redis().scan_iter(match="tier_sync:rate_budget:*", count=1000)}
+    bucket = f"tier-sync-it-{run_tag}"
+    homes = {w: tmp_path / w for w in WORKERS}
+    for home in homes.values():
+        home.mkdir()
 
     # The POS: the demo store, every record before the run's as_of (a manual run's as_of is its
     # run_after, i.e. the trigger time).
@@ -92,22 +131,43 @@ def test_end_to_end_under_celery_executor(tmp_path: Path, redis_keys: set[str]) 
     sales = copy.deepcopy(store.sales)
     groups_before = copy.deepcopy(store.groups)
 
-    with running_simulator(store=store, token=TOKEN) as sim:
+    git_root = tmp_path / "git-server"
+    (git_root / "tiers.git").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(git_root / "tiers.git")], check=True)
+
+    with (
+        s3_server() as s3_endpoint,
+        git_http_server(git_root, user=GIT_USER, token=GIT_TOKEN) as (git_base, git_auth),
+        running_simulator(store=store, token=TOKEN) as sim,
+    ):
+        s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir(bucket)
         cluster = AirflowCluster(
             tmp_path / "cluster",
             executor="CeleryExecutor",
-            extra_services={
-                "celery-worker": ["celery", "worker", "--concurrency", "4", "--queues", queue,
-                                  "--celery-hostname", f"{worker}@%h", "--skip-serve-logs",
-                                  "--without-mingle", "--without-gossip"],
-            },
+            extra_services={w: _worker_argv(queue, names[w]) for w in WORKERS},
+            # each worker is a host of its own: its own AIRFLOW_HOME (logs, git work copy, defaults)
+            service_env={w: {"AIRFLOW_HOME": str(homes[w])} for w in WORKERS},
             env={
                 "AIRFLOW__CELERY__BROKER_URL": REDIS_URL,
+                "AIRFLOW__CORE__PLUGINS_FOLDER": str(Path(__file__).resolve().parents[2] / "plugins"),
                 "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
                 "AIRFLOW_CONN_LIGHTSPEED_DEFAULT": json.dumps(
-                    sim.airflow_connection(TOKEN, registers=1, rate_budget_dir=str(tmp_path / "rate_budget"))
+                    sim.airflow_connection(TOKEN, registers=1, rate_budget_url=REDIS_URL)
                 ),
-                "AIRFLOW_VAR_TIER_SYNC_DATA_DIR": str(data_dir),
+                f"AIRFLOW_CONN_{S3_CONN_ID.upper()}": json.dumps({
+                    "conn_type": "aws", "login": S3_KEY, "password": S3_SECRET,
+                    "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+                }),
+                "AIRFLOW_CONN_GIT_DEFAULT": json.dumps({
+                    "conn_type": "git", "host": f"{git_base}/tiers.git", "login": GIT_USER, "password": GIT_TOKEN,
+                    "extra": {"allow_insecure_http": True},  # a loopback test server
+                }),
+                "AIRFLOW_VAR_TIER_SYNC_DATA_DIR": f"s3://{S3_CONN_ID}@{bucket}/tier-sync",
+                # no AWS_* anywhere: the S3 credentials come from the connection only
+                "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "NO_PROXY": "127.0.0.1",
             },
         )
         # The result backend is the cluster's own (throw-away) metadata database, as in docker-compose.
@@ -125,17 +185,42 @@ def test_end_to_end_under_celery_executor(tmp_path: Path, redis_keys: set[str]) 
             assert run.run_after is not None
             as_of = run.run_after.astimezone(UTC).replace(microsecond=0)
             expected = oracle.expected_tiers(before, sales, as_of)
-            names = {gid: g["name"] for gid, g in sim.store.groups.items()}
-            final = {cid: names.get(c.get("customer_group_id") or "", oracle.DEFAULT_GROUP)
+            group_names = {gid: g["name"] for gid, g in sim.store.groups.items()}
+            final = {cid: group_names.get(c.get("customer_group_id") or "", oracle.DEFAULT_GROUP)
                      for cid, c in sim.store.customers.items()}
             assert final == oracle.expected_final_groups(before, groups_before, expected)
-            moved = [cid for cid in final if final[cid] != names.get(before[cid].get("customer_group_id") or "",
-                                                                     oracle.DEFAULT_GROUP)]
+            moved = [cid for cid in final if final[cid] != group_names.get(
+                before[cid].get("customer_group_id") or "", oracle.DEFAULT_GROUP)]
             assert len(moved) > 100  # an onboarding: most customers changed group
-            log = json.loads((data_dir / "tier_sync_log.json").read_text())
-            assert log["synced"] is True and log["errors"] == 0
+            log = json.loads(_read_s3(s3_endpoint, f"{bucket}/tier-sync/tier_sync_log.json"))
+            assert log["synced"] is True and log["errors"] == 0 and log["group_counts_match"] is True
+            assert not [r for r in sim.requests if r.status == 429], "the shared budget let the workers overrun"
 
-            # Each task instance went through Celery and ran on the worker.
+            # Shared over the network only: the data dir on S3, the budget in Redis, git over HTTP.
+            master = _read_s3(s3_endpoint, f"{bucket}/tier-sync/customer_analytics_master.csv").decode("utf-8-sig")
+            assert {r["Customer ID"] for r in csv.DictReader(io.StringIO(master))} == set(expected)
+            assert set(_redis().scan_iter(match="tier_sync:rate_budget:*", count=1000)) - budget_keys_before
+            commits = subprocess.run(["git", "--git-dir", str(git_root / "tiers.git"), "log", "--format=%s"],
+                                     capture_output=True, text=True, check=True).stdout.splitlines()
+            assert len(commits) == 1 and git_auth, commits
+            for w in WORKERS:
+                local = {p.name for p in homes[w].iterdir()} if homes[w].exists() else set()
+                assert not local & {"tier_sync_data", "rate_budget"}, (w, local)
+
+            # The page reads the same S3 data dir through the connection in the api-server.
+            page = requests.Session()
+            page.headers["Authorization"] = f"Bearer {cluster.token()}"
+            answer = page.get(f"{cluster.api_url}/loyalty-tiers/api/summary", timeout=60)
+            assert answer.status_code == 200 and answer.content, (answer.status_code, answer.headers, answer.text[:300])
+            summary = answer.json()
+            assert summary["data_dir"] == f"s3://{S3_CONN_ID}@{bucket}/tier-sync"
+            assert summary["total_customers"] == len(expected) and summary["as_of"], summary
+            someone = next(cid for cid, e in expected.items() if e.orders > 0)
+            detail = page.get(f"{cluster.api_url}/loyalty-tiers/api/customers/{someone}", timeout=60)
+            assert detail.status_code == 200, detail.text[:500]
+            assert someone in detail.text
+
+            # Each task instance went through Celery and ran on one of the two workers.
             rows = cluster.sql(
                 "SELECT task_id, map_index, state, queue, hostname, external_executor_id, start_date, end_date"
                 " FROM task_instance WHERE dag_id = %s AND run_id = %s ORDER BY start_date",
@@ -165,13 +250,24 @@ def test_end_to_end_under_celery_executor(tmp_path: Path, redis_keys: set[str]) 
                     break
                 time.sleep(1)
             assert backend == dict.fromkeys(celery_ids, "SUCCESS")
-            worker_log = cluster.log_path("celery-worker").read_text(errors="replace")
-            assert f"{worker}@" in worker_log
-            missing = [cid for cid in celery_ids if cid not in worker_log]
-            assert not missing, f"not in the worker log: {missing}\n{cluster.log_tails(['celery-worker'])}"
+            worker_logs = {w: cluster.log_path(w).read_text(errors="replace") for w in WORKERS}
+            ran_on: dict[str, list[str]] = {w: [] for w in WORKERS}
+            for cid in celery_ids:
+                where = [w for w in WORKERS if cid in worker_logs[w]]
+                assert len(where) == 1, f"{cid} in the logs of {where}\n{cluster.log_tails(list(WORKERS))}"
+                ran_on[where[0]].append(cid)
+            assert all(ran_on.values()), {w: len(v) for w, v in ran_on.items()}  # both hosts did work
+            for w in WORKERS:
+                assert f"{names[w]}@" in worker_logs[w]
 
             # The pool still bounds the mapped sync (2 slots from airflow_settings.yaml).
             batches = [t for t in ran if t["task_id"] == "sync_batch"]
             assert len(batches) > 1
             assert max_overlap((t["start"], t["end"]) for t in batches) <= 2
     print(f"done: {time.monotonic() - t0:.0f} s")
+
+
+def _redis() -> Any:
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL, decode_responses=True)

@@ -6,16 +6,13 @@ behind Basic auth, so the credential helper really has to hand git the token.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from include.tier_sync.git_export import GitPushError, build_commit_message, com
 from include.tier_sync.git_remote import GitExportError, parse_remote, scrub
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.runtime import iso
+from tests.servers import git_http_server
 
 pytestmark = pytest.mark.unit
 
@@ -424,87 +422,14 @@ def test_commit_message_format() -> None:
 # Token over real HTTP
 
 
-class _GitHTTPHandler(BaseHTTPRequestHandler):
-    """`git http-backend` behind Basic auth (the CGI the git docs describe, minus a web server)."""
-
-    root = ""
-    user = "bot"
-    token = TOKEN
-    auth_headers: list[str] = []
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-        return
-
-    def _serve(self) -> None:
-        header = self.headers.get("Authorization") or ""
-        type(self).auth_headers.append(header)
-        expected = "Basic " + base64.b64encode(f"{self.user}:{self.token}".encode()).decode()
-        if header != expected:
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="tiers"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        path, _, query = self.path.partition("?")
-        env = {
-            "PATH": os.environ["PATH"],
-            "GIT_PROJECT_ROOT": self.root,
-            "GIT_HTTP_EXPORT_ALL": "1",
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "REQUEST_METHOD": self.command,
-            "CONTENT_TYPE": self.headers.get("Content-Type") or "",
-            "CONTENT_LENGTH": str(len(body)),
-            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding") or "",
-            "REMOTE_USER": self.user,
-            "REMOTE_ADDR": "127.0.0.1",
-        }
-        out = subprocess.run([REAL_GIT, "http-backend"], input=body, env=env, capture_output=True).stdout
-        head, sep, content = out.partition(b"\r\n\r\n")
-        if not sep:
-            head, _, content = out.partition(b"\n\n")
-        status = 200
-        headers: list[tuple[str, str]] = []
-        for line in head.decode().splitlines():
-            name, _, value = line.partition(":")
-            if name.lower() == "status":
-                status = int(value.strip().split()[0])
-            elif name:
-                headers.append((name, value.strip()))
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
-
-
 @pytest.fixture
 def http_remote(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
     root = tmp_path / "srv"
     bare = root / "tiers.git"
     bare.mkdir(parents=True)
     git(bare, "init", "-q", "--bare", "--initial-branch=main")
-    handler: type[_GitHTTPHandler] = type(
-        "Handler", (_GitHTTPHandler,), {"root": str(root), "auth_headers": []}
-    )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/tiers.git", bare, handler.auth_headers
-    finally:
-        server.shutdown()
-        server.server_close()
+    with git_http_server(root, user="bot", token=TOKEN) as (base, auth_headers):
+        yield f"{base}/tiers.git", bare, auth_headers
 
 
 @pytest.fixture
