@@ -286,11 +286,33 @@ def customer(data_dir: str, customer_id: str, rules: TierRules | None = None) ->
         return None
     out = customer_row(master, r)
     out["tier_history"] = tier_history_of(data_dir, customer_id)
-    entry = {e["customer_id"]: e for e in at_risk_all(data_dir, rules or TierRules())[0]}.get(customer_id)
+    rules = rules or TierRules()
+    entry = {e["customer_id"]: e for e in at_risk_all(data_dir, rules)[0]}.get(customer_id)
     out["at_risk"] = (
         {k: entry[k] for k in ("drops_after", "drops_to", "days_left", "method")} if entry else None
     )
+    out["explanation"] = _explanation(data_dir, master, r, rules)
     return out
+
+
+def _explanation(data_dir: str, master: Any, r: int, rules: TierRules) -> dict[str, Any] | None:
+    """Why this tier and what would change it (explain.py), from the master row and the customer's
+    purchase dates in the order store; None when there is no as-of or the store cannot be read."""
+    from include.tier_sync.dashboard_at_risk import purchase_dates
+    from include.tier_sync.explain import explain, figures
+    from include.tier_sync.runtime import iso
+
+    as_of = parse_iso(latest_run(data_dir, master).get("as_of"))
+    if as_of is None:
+        return None
+    cid = str(master.df["Customer ID"].iloc[r])
+    dates = purchase_dates(data_dir, [cid], as_of, rules)
+    if dates is None:
+        return None
+    found = figures(int(master.ltv_cents[r]), int(master.orders[r]), dates[cid], bool(master.loyal[r]), as_of)
+    result = explain(found, rules)
+    result["as_of"] = iso(as_of)
+    return result
 
 
 # -- Data Docs -----------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def _scan_sales(urls: list[str], columns: list[str] | None, key: str, values: An
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def _window_purchases(
+def purchase_dates(
     data_dir: str, ids: list[str], as_of: datetime, rules: TierRules
 ) -> dict[str, list[int]] | None:
     """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`.
@@ -164,7 +164,7 @@ def _at_risk_table(data_dir: str, master: Master, as_of: datetime, rules: TierRu
         return []
     ids = df["Customer ID"].to_numpy()[rows].tolist()
     cut = as_of_us(as_of)
-    dates = _window_purchases(data_dir, ids, as_of, rules)
+    dates = purchase_dates(data_dir, ids, as_of, rules)
     sub = df.iloc[rows]
     columns = zip(
         rows.tolist(),

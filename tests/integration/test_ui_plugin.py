@@ -677,6 +677,13 @@ def test_page_in_the_airflow_ui(server: Server, demo_data: Path) -> None:
         assert browser.eval(in_doc("d.getElementById('customer-detail').innerText")).count(someone["Email"]) == (
             1 if someone["Email"] else 0
         )  # the customer's own view: the full address
+        # Why and what next: a Sprout is $X short of Bloom, X read off the CSV's own lifetime value.
+        ltv_cents = int(someone["Lifetime Value"].replace(".", ""))
+        gap = 75000 - ltv_cents
+        next_steps = browser.eval(in_doc("d.getElementById('customer-next').innerText"))
+        assert f"${gap // 100:,}.{gap % 100:02d} more to Bloom" in next_steps, next_steps
+        because = browser.eval(in_doc("d.getElementById('customer-because').innerText"))
+        assert ("Lifetime value" in because) == (ltv_cents >= 25000), because
         browser.eval(in_doc("d.getElementById('customer-detail').scrollIntoView()"))
         time.sleep(0.5)
         browser.screenshot(ARTIFACTS / "loyalty_tiers_search.png")

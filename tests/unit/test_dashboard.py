@@ -310,6 +310,19 @@ def test_customer_detail(data_dir: str) -> None:
     assert dashboard.customer(data_dir, "nope", RULES) is None
 
 
+def test_customer_detail_explains_the_tier_from_the_store(data_dir: str) -> None:
+    """The explanation agrees with the CSV's tier and figures for every customer on the page."""
+    rows = master_rows(data_dir)
+    for cid, row in rows.items():
+        found = dashboard.customer(data_dir, cid, RULES)
+        assert found is not None
+        why = found["explanation"]
+        assert why is not None and why["because"]["tier"] == row["Tier"], cid
+        assert why["because"]["purchases_in_window"] == int(row["Purchases Last 30 Days"]), cid
+        for step in why["next_up"]:
+            assert step["text"] and step["tier"] != row["Tier"]
+
+
 # -- empty state, Data Docs, cache -------------------------------------------------------------------------
 
 

@@ -326,6 +326,18 @@ function customerDetail(c) {
   const risk = c.at_risk
     ? h("span", { style: "color:var(--warn)" }, `drops to ${c.at_risk.drops_to} after ${when(c.at_risk.drops_after)} (${c.at_risk.days_left} days) unless they buy`)
     : "no";
+  const why = c.explanation;
+  const whyBlock = why ? h("div", { id: "customer-why" },
+    h("h2", {}, "Why this tier"),
+    h("p", { id: "customer-because", "data-rule": why.because.rule }, why.because.text),
+    h("h2", {}, "What would change it"),
+    h("ul", { id: "customer-next" },
+      ...why.next_up.map((s) => h("li", { "data-kind": s.kind, "data-tier": s.tier }, s.text)),
+      ...(why.keeps ? [h("li", { "data-kind": "keeps" }, why.keeps.text)] : []),
+      ...(why.drops ? [h("li", { "data-kind": "drops" }, why.drops.text)] : []),
+      ...(why.next_up.length || why.keeps || why.drops ? [] : [h("li", { class: "muted" }, "Top tier; nothing short of large returns changes it.")])),
+    h("p", { class: "muted" }, `As of ${when(why.as_of)}, by the same tier table as the pipeline.`))
+    : h("p", { class: "muted" }, "No explanation: the order store could not be read.");
   return h("div", { class: "detail", id: "customer-detail", "data-customer": c.customer_id },
     h("h2", {}, c.name || c.customer_id),
     h("dl", {},
@@ -338,6 +350,7 @@ function customerDetail(c) {
       h("dt", {}, "Customer code"), h("dd", {}, c.customer_code || "–"),
       h("dt", {}, "Email"), h("dd", {}, c.email || "–"),
       h("dt", {}, "Customer id"), h("dd", {}, h("code", {}, c.customer_id))),
+    whyBlock,
     h("h2", {}, "Tier history"), hist);
 }
 
