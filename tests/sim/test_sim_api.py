@@ -233,6 +233,24 @@ def test_add_members_moves_and_bumps_versions(sim: SimServer, http: requests.Ses
     assert {i: store.customers[i]["version"] for i in ids} == bumped
 
 
+def test_membership_calls_can_keep_the_customers_version(store: SimStore, http: requests.Session) -> None:
+    """The API variant where a membership call moves customers but leaves `version` alone (§5.1)."""
+    with running_simulator(store=store, token=TOKEN, membership_bumps_version=False) as sim:
+        target = group_id(store, "GreenHaus Crew - Bloom")
+        ids = live_customer_ids(store, store.default_group_id())[:3]
+        before = {i: (store.customers[i]["version"], store.customers[i]["updated_at"]) for i in ids}
+        feed_end = max(int(c["version"]) for c in store.customers.values())
+        url = f"{sim.base_url}/customer_groups/{target}/customers"
+        assert http.post(url, json={"customer_ids": ids}, timeout=5).status_code == 201
+        assert {i: (store.customers[i]["version"], store.customers[i]["updated_at"]) for i in ids} == before
+        assert set(ids) <= {c["id"] for c in page_all(http, url)}  # moved: the group lists them
+        newer = http.get(f"{sim.base_url}/customers", params={"after": feed_end, "deleted": "true"}, timeout=5)
+        assert body(newer)["data"] == []  # but the customers feed shows nothing new
+        assert http.delete(url, json={"customer_ids": ids[:1]}, timeout=5).status_code == 204
+        assert store.customers[ids[0]]["customer_group_id"] == store.default_group_id()
+        assert store.customers[ids[0]]["version"] == before[ids[0]][0]
+
+
 def test_add_members_limits_and_unknown_ids(sim: SimServer, http: requests.Session) -> None:
     store = sim.store
     target = group_id(store, "GreenHaus Crew - Sprout")

@@ -112,6 +112,7 @@ class SimServer:
         fault_seed: int = 0,
         time_source: Callable[[], float] = time.time,
         log_requests: bool = False,
+        membership_bumps_version: bool = True,
     ) -> None:
         if host != "127.0.0.1":
             raise ValueError("the simulator only listens on 127.0.0.1")
@@ -130,6 +131,9 @@ class SimServer:
         self.empty_version = empty_version
         self.retry_after = retry_after
         self.log_requests = log_requests
+        # The API reference leaves open whether a membership call re-stamps the customer's
+        # version (§5.1); False serves the variant where it does not (the feed never shows it).
+        self.membership_bumps_version = membership_bumps_version
         limit = rate_limit if rate_limit is not None else 300 * registers + 50
         self.rate_limiter = RateLimiter(limit, window_seconds, time_source)
         self._time = time_source
@@ -381,8 +385,16 @@ class SimServer:
     def _members_post(self, group_id: str, *, query: dict[str, list[str]], body: bytes) -> Response:
         self._group_or_404(group_id)
         for customer in self._member_ids(body):
-            self.store.set_customer_group(customer, group_id)
+            self._set_group(customer, group_id)
         return Response(201, True)
+
+    def _set_group(self, customer: dict[str, Any], group_id: str) -> None:
+        """A membership call's change: stamped (the default) or, in that variant, version kept."""
+        if self.membership_bumps_version:
+            self.store.set_customer_group(customer, group_id)
+            return
+        with self.store.lock:
+            customer["customer_group_id"] = group_id
 
     def _members_delete(self, group_id: str, *, query: dict[str, list[str]], body: bytes) -> Response:
         self._group_or_404(group_id)
@@ -392,7 +404,7 @@ class SimServer:
             raise _BadRequest("store has no default customer group", 500)
         for customer in customers:
             if customer.get("customer_group_id") == group_id:
-                self.store.set_customer_group(customer, default)
+                self._set_group(customer, default)
         return Response(204)
 
     # -- admin (no auth, no rate limit, not recorded) ------------------------------------------
