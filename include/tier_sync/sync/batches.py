@@ -12,8 +12,11 @@ spelled here, and only here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,10 +29,12 @@ from include.tier_sync.sync.contracts import (
     BatchFile,
     BatchRef,
     ExpectedMembers,
+    FeedView,
     PlanDoc,
     batch_file_from_json,
     expected_members_from_json,
     expected_members_to_json,
+    feed_view_from_json,
     plan_doc_from_json,
 )
 from include.tier_sync.sync.groups import GroupMap
@@ -49,6 +54,7 @@ PLAN_FORMAT = "tier-sync-plan/1"
 # -- file names inside runs/<key>/sync_plan/ (the only place they are spelled) -----------------
 PLAN_FILE = "plan.json"
 EXPECTED_MEMBERS_FILE = "expected_members.json"
+FEED_VIEW_PATTERN = "feed-{plan_id}-{to:020d}.json"  # the newest per plan is the one read
 BATCH_FILE_PATTERN = "batch-{index:04d}.json"
 BATCH_SUFFIX = ".json"
 RESULT_SUFFIX = ".result.json"
@@ -71,6 +77,15 @@ def plan_path(paths: RunPaths) -> str:
 
 def expected_members_path(paths: RunPaths) -> str:
     return fileio.join(paths.run_sync_plan_dir, EXPECTED_MEMBERS_FILE)
+
+
+def plan_dir_of(ref: str) -> str:
+    """The ``sync_plan/`` folder a batch file lies in."""
+    return ref.rsplit("/", 1)[0] if "/" in ref else "."
+
+
+def feed_view_path(plan_dir: str, plan_id: str, to: int) -> str:
+    return fileio.join(plan_dir, FEED_VIEW_PATTERN.format(plan_id=plan_id, to=to))
 
 
 def batch_path(paths: RunPaths, index: int) -> str:
@@ -229,7 +244,72 @@ def write_expected_members(plan: Plan, paths: RunPaths) -> str:
     return target
 
 
+def write_feed_view(plan_dir: str, view: FeedView) -> str:
+    """Save a feed view under its ``to``, then remove the same plan's older (now redundant) views.
+
+    Each file is written whole and atomically, and a view is complete for its range on its own,
+    so concurrent batches never need a lock: the newest one is as good as any, and a reader whose
+    pick was removed meanwhile looks again (`read_latest_feed_view`).
+    """
+    target = feed_view_path(plan_dir, view["plan_id"], view["to"])
+    fileio.write_json(target, {**view, "format_version": FORMAT_VERSION})
+    for name, to in _feed_views(plan_dir, view["plan_id"]):
+        if to < view["to"]:
+            _remove_file(fileio.join(plan_dir, name))
+    return target
+
+
+def _feed_views(plan_dir: str, plan_id: str) -> list[tuple[str, int]]:
+    """(file name, to) of a plan's feed views, newest first."""
+    prefix, suffix = f"feed-{plan_id}-", ".json"
+    out = []
+    for name in fileio.listdir(plan_dir):
+        middle = name[len(prefix) : -len(suffix)]
+        if name.startswith(prefix) and name.endswith(suffix) and middle.isdigit():
+            out.append((name, int(middle)))
+    return sorted(out, key=lambda item: item[1], reverse=True)
+
+
+def _remove_file(url: str) -> None:
+    if fileio.is_local(url):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(fileio.local_path(url))
+        return
+    fs, path = fileio.filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
 # -- reading -----------------------------------------------------------------------------------
+
+
+def read_latest_feed_view(plan_dir: str, plan_id: str, start: int) -> FeedView | None:
+    """The newest feed view of this plan (None when there is none yet).
+
+    A view removed between the listing and the read (a newer one replaced it) sends the reader
+    back to the listing, a few times at most; a view that does not start at the plan's cursor
+    is an error, never silently used.
+    """
+    for _attempt in range(5):
+        views = _feed_views(plan_dir, plan_id)
+        if not views:
+            return None
+        target = fileio.join(plan_dir, views[0][0])
+        try:
+            raw = json.loads(fileio.read_text(target))
+        except FileNotFoundError:
+            continue
+        view = feed_view_from_json(raw, target)
+        if view["plan_id"] != plan_id or view["start"] != int(start):
+            raise ValueError(
+                f"{target} does not belong to plan {plan_id} from cursor {start} "
+                f"(it says plan {view['plan_id']} from {view['start']})"
+            )
+        return view
+    log.info(
+        "Feed views of plan %s kept changing while read; reading the feed from the plan's cursor", plan_id
+    )
+    return None
 
 
 def read_plan_doc(paths: RunPaths) -> PlanDoc | None:

@@ -289,6 +289,40 @@ def expected_members_from_json(raw: Any, where: str) -> ExpectedMembers | None:
     return {str(tier): [str(c) for c in ids] for tier, ids in raw.items() if tier != "format_version"}
 
 
+class FeedRecord(TypedDict):
+    """One customer's newest state in a feed view: all a re-check or the group check needs (no names)."""
+
+    version: int
+    customer_group_id: str | None
+    deleted_at: str | None
+
+
+class FeedView(TypedDict):
+    """`sync_plan/feed-<plan_id>-<to>.json`: the customers feed from the plan's cursor up to ``to``.
+
+    ``records``: the newest record of every customer changed in (``start`` - 1, ``to``], as one
+    re-check read it (``to`` is the highest version it saw, a real record's, so the next reader
+    can page on from there and check that its answer is anchored). Written by sync_batch, read by
+    later batches of the same plan and by the group check, so each pages only what is newer.
+    """
+
+    format_version: NotRequired[int]
+    plan_id: str
+    start: int
+    to: int
+    records: dict[str, FeedRecord]
+
+
+def feed_view_from_json(raw: Any, where: str) -> FeedView:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} is not a feed view")
+    format_version_of(raw, where)
+    start, to, records = raw.get("start"), raw.get("to"), raw.get("records")
+    if not isinstance(start, int) or not isinstance(to, int) or to < start or not isinstance(records, dict):
+        raise ValueError(f"{where} is not a feed view (start, to and records needed, to >= start)")
+    return cast("FeedView", {**raw, "plan_id": str(raw.get("plan_id"))})
+
+
 class TierGroupCount(TypedDict):
     group_id: str | None
     expected: int

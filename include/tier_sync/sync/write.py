@@ -3,11 +3,15 @@
 This is the only code that changes the store's till, and it runs in each of up to 256 mapped
 ``sync_batch`` instances, so it loads only its batch file (and its progress file) and imports no
 pandas, numpy or pyarrow, not even lazily (tests/unit/test_sync_write_imports.py proves it).
+Besides those two files it reads and writes only the plan's newest feed view (below).
 
 * **Current group is re-checked right before writing** against the customers version feed since
-  the plan's cursor: anyone a person moved meanwhile is left alone (``changed_in_pos``). An
-  answer that cannot be the whole truth (see `recheck_customers`) fails the batch before any
-  write instead of letting every customer look unchanged.
+  the plan's cursor: anyone a person moved meanwhile is left alone (``changed_in_pos``). The
+  feed is paged only from where the previous re-check of the same plan stopped (its saved view,
+  ``sync_plan/feed-<plan_id>-<to>.json``), so N batches cost pages in proportion to the customers
+  they move, not to N squared. An answer that cannot be the whole truth (see
+  `read_customer_changes`) fails the batch before any write instead of letting every customer
+  look unchanged.
 * **A deleted target group fails the batch at once** (`GroupDeletedError`, no retries): a refused
   membership call is checked against the group with one GET, never turned into one failing GET +
   PUT per customer.
@@ -29,12 +33,24 @@ from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio
 from include.tier_sync.lightspeed_errors import LightspeedError, LightspeedUnavailable
-from include.tier_sync.sync.batches import CALL_SIZE, chunks, progress_path, read_batch, ref_path, result_path
+from include.tier_sync.sync.batches import (
+    CALL_SIZE,
+    chunks,
+    plan_dir_of,
+    progress_path,
+    read_batch,
+    read_latest_feed_view,
+    ref_path,
+    result_path,
+    write_feed_view,
+)
 from include.tier_sync.sync.contracts import (
     FORMAT_VERSION,
     BatchFile,
     BatchMove,
     BatchResult,
+    FeedRecord,
+    FeedView,
     api_diff,
     api_stats,
     is_null,
@@ -95,44 +111,101 @@ def new_result(ref: str, batch: Mapping[str, Any]) -> BatchResult:
     }
 
 
+def read_customer_changes(
+    client: LightspeedClient,
+    customers_cursor: int,
+    *,
+    plan_dir: str | None = None,
+    plan_id: str | None = None,
+    consequence: str = "nothing of this batch was written",
+) -> FeedView:
+    """The newest record of every customer changed since the plan's cursor (deleted included).
+
+    The feed is read from where the newest saved view of the same plan ends (another batch's
+    re-check, `batches.read_latest_feed_view`), or from the plan's cursor when there is none, and
+    the result is saved as the plan's newest view (when ``plan_dir`` and ``plan_id`` are given).
+    So each reader pages only what changed since the last one: a batch's re-check costs pages in
+    proportion to the writes made since (its own batch and the ones running beside it), not to
+    every customer the run has moved so far. A view is the whole range's answer on its own, so
+    merging it with the pages after it gives exactly what one pass from the cursor would.
+
+    The pass starts one version below where it resumes: the record whose version was that point
+    is then always in a truthful answer (at that version, or later if changed since; deleted ones
+    too), and an answer without any record at or past it raises `RecheckUnreliable` (an empty
+    or cut page would make everyone look unchanged). From cursor 0 the whole feed is read.
+    """
+    start = int(customers_cursor)
+    base = read_latest_feed_view(plan_dir, plan_id, start) if plan_dir and plan_id else None
+    after = base["to"] if base is not None else start
+    records: dict[str, FeedRecord] = dict(base["records"]) if base is not None else {}
+    anchored = False
+    top = after
+    for page in client.iter_pages("/customers", after=max(after - 1, 0), params={"deleted": "true"}):
+        for record in page.data:
+            version = int(record.get("version") or 0)
+            anchored = anchored or version >= after
+            top = max(top, version)
+            cid = str(record.get("id"))
+            known = records.get(cid)
+            if known is None or version >= int(known["version"]):
+                records[cid] = _feed_record(record, version)
+    if after > 0 and not anchored:
+        where = "the plan's cursor" if base is None else "the last saved view of the feed"
+        raise RecheckUnreliable(
+            f"the customers feed looks empty or cut (no record at or past {where}, {after}, which a "
+            f"whole answer always holds): customers moved in the POS meanwhile cannot be told apart, "
+            f"so {consequence}; retry later"
+        )
+    view: FeedView = {"plan_id": str(plan_id), "start": start, "to": top, "records": records}
+    if plan_dir and plan_id:
+        write_feed_view(plan_dir, view)
+    log.info(
+        "Customers feed since cursor %s: %s changed customers (%s from a saved view, read on from %s)",
+        start,
+        len(records),
+        len(base["records"]) if base is not None else 0,
+        after,
+    )
+    return view
+
+
+def _feed_record(record: Mapping[str, Any], version: int) -> FeedRecord:
+    group, deleted = record.get("customer_group_id"), record.get("deleted_at")
+    return {
+        "version": version,
+        "customer_group_id": None if is_null(group) else str(group),
+        "deleted_at": None if is_null(deleted) else str(deleted),
+    }
+
+
 def recheck_customers(
-    client: LightspeedClient, ids: Iterable[str], customers_cursor: int
-) -> dict[str, dict[str, Any]]:
+    client: LightspeedClient,
+    ids: Iterable[str],
+    customers_cursor: int,
+    *,
+    plan_dir: str | None = None,
+    plan_id: str | None = None,
+) -> dict[str, FeedRecord]:
     """Newest state of ``ids`` among customers changed since the plan's cursor (deleted included).
 
-    One pass over the version feed: cheap (only what changed since the extraction), complete
+    The version feed (`read_customer_changes`): cheap (only what changed since the extraction,
+    and with a plan folder only what changed since the previous batch's re-check), complete
     (unlike search), and it sees our own earlier writes as well as a person's. A customer of the
-    batch absent from it has not changed since the plan, *if* the answer is whole; an empty or
-    cut page would make everyone look unchanged. So the pass starts one version below the cursor:
-    the customer whose version was the cursor is then always in a truthful answer (at that
-    version, or later if changed since; deleted ones too), and an answer without any record at
-    or past the cursor raises `RecheckUnreliable` before anything is written (Airflow retries the
-    batch; the alternative, one GET per customer, costs ~500 requests a batch). From cursor 0
-    (nothing extracted) the whole feed is read, so every customer of the batch must be in it.
+    batch absent from it has not changed since the plan, *if* the answer is whole; an answer that
+    cannot be raises `RecheckUnreliable` before anything is written (Airflow retries the batch;
+    the alternative, one GET per customer, costs ~500 requests a batch). From cursor 0 (nothing
+    extracted) the whole feed is read, so every customer of the batch must be in it.
     """
     wanted = set(ids)
     cursor = int(customers_cursor)
-    seen: dict[str, dict[str, Any]] = {}
-    anchored = False
-    for page in client.iter_pages("/customers", after=max(cursor - 1, 0), params={"deleted": "true"}):
-        for record in page.data:
-            version = int(record.get("version") or 0)
-            anchored = anchored or version >= cursor
-            cid = str(record.get("id"))
-            if cid not in wanted:
-                continue
-            if cid not in seen or version >= int(seen[cid].get("version") or 0):
-                seen[cid] = record
+    view = read_customer_changes(client, cursor, plan_dir=plan_dir, plan_id=plan_id)
+    seen = {cid: view["records"][cid] for cid in wanted if cid in view["records"]}
     absent = len(wanted - seen.keys())
-    why = None
-    if cursor > 0 and not anchored:
-        why = f"no record at or past the plan's cursor {cursor}, which a whole answer always holds"
-    elif cursor <= 0 and absent:
-        why = f"{absent} of the batch's {len(wanted)} customers absent from the whole feed"
-    if why is not None:
+    if cursor <= 0 and absent:
         raise RecheckUnreliable(
-            f"the pre-write re-check of the customers feed looks empty or cut ({why}): customers moved "
-            "in the POS meanwhile cannot be told apart, so nothing of this batch was written; retry later"
+            f"the pre-write re-check of the customers feed looks empty or cut ({absent} of the batch's "
+            f"{len(wanted)} customers absent from the whole feed): customers moved in the POS meanwhile "
+            "cannot be told apart, so nothing of this batch was written; retry later"
         )
     return seen
 
@@ -285,7 +358,13 @@ def _write_batch(
     plan_id = batch.get("plan_id")
     progress_file = progress_path(ref)
     attempted = _attempted_before(progress_file, plan_id)
-    live = recheck_customers(client, (m["customer_id"] for m in moves), int(batch["customers_cursor"]))
+    live = recheck_customers(
+        client,
+        (m["customer_id"] for m in moves),
+        int(batch["customers_cursor"]),
+        plan_dir=plan_dir_of(ref),
+        plan_id=str(plan_id) if plan_id else None,
+    )
     to_write = _triage(moves, live, attempted, tally)
 
     for call in chunks(to_write, CALL_SIZE):
