@@ -250,6 +250,7 @@ def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:
             groups,
             expected_members=read_expected_members(paths),
             left_alone=left_alone_ids(paths),
+            paths=paths,  # the plan's group state + the feed since its cursor: no full group listing
         )
     return dict(write_group_check(paths, {"checked": True, **check}))  # runs/<key>/group_check.json
 

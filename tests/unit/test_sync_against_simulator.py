@@ -131,6 +131,7 @@ def finish(sim: SimServer, paths: RunPaths, master: pd.DataFrame, results: list[
         groups,
         expected_members=sync.read_expected_members(paths),
         left_alone=sync.left_alone_ids(paths),
+        paths=paths,
     )
     identity = {"dag_id": "customer_tier_sync", "run_id": "test", "logical_date": None, "as_of": paths.as_of}
     log_doc = sync.finish_sync(paths, identity, xcom_results=results, group_check=check)

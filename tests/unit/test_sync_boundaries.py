@@ -246,6 +246,9 @@ def test_a_target_group_deleted_mid_run_fails_its_batch_at_once(demo: SimServer,
     assert groups is not None
     with pytest.raises(GroupDeletedError, match=re.escape(f"({gid}) was deleted in the POS; re-plan")):
         sync.verify_group_counts(client_for(demo), pd.DataFrame(), groups, expected_members={})
+    with pytest.raises(GroupDeletedError, match=re.escape(f"({gid}) was deleted in the POS; re-plan")):
+        # from the plan's group state and the feed (no group listed): the group list still tells
+        sync.verify_group_counts(client_for(demo), pd.DataFrame(), groups, expected_members={}, paths=paths)
     log_doc = sync.finish_sync(paths, {"run_id": "t"})
     assert log_doc["failed_batches"] >= 1 and "re-plan" in json.dumps(log_doc["error_details"])
 

@@ -1,6 +1,7 @@
 """What the sync costs in requests, counted by the simulator: it grows with the changes, not the store.
 
-Issue 17: each batch's pre-write re-check paged the customers feed from the plan's cursor, which by
+Issue 17: the group check used to list every tier group (one request per page of members, every
+day), and each batch's pre-write re-check paged the customers feed from the plan's cursor, which by
 then held every customer the earlier batches had moved (requests growing with the square of the
 batches). Here the simulator counts each request; every store is built in code with fixed
 timestamps and the simulator's clock is pinned after AS_OF.
@@ -28,6 +29,7 @@ from tools.lightspeed_sim.store import SimStore
 from tools.lightspeed_sim.testing import clock_after, running_simulator
 
 if TYPE_CHECKING:
+    from include.tier_sync.sync.contracts import GroupCheck
     from tools.lightspeed_sim.server import SimServer
 
 pytestmark = pytest.mark.unit
@@ -113,6 +115,24 @@ def plan(
     return [dict(r) for r in refs], paths
 
 
+def check(
+    sim: SimServer, paths: RunPaths, master: pd.DataFrame, *, by_feed: bool = True
+) -> tuple[GroupCheck, int]:
+    """verify_group_counts as the task calls it (by_feed) or the old way (every group listed); its requests."""
+    groups = sync.groups_from_plan(paths)
+    assert groups is not None
+    start = len(sim.requests)
+    result = sync.verify_group_counts(
+        client_for(sim),
+        master,
+        groups,
+        expected_members=sync.read_expected_members(paths),
+        left_alone=sync.left_alone_ids(paths),
+        paths=paths if by_feed else None,
+    )
+    return result, len(sim.requests) - start
+
+
 def feed_requests(sim: SimServer, since: int) -> int:
     return sum(1 for r in sim.requests[since:] if (r.method, r.path) == FEED)
 
@@ -142,6 +162,83 @@ def assert_in_tier_groups(sim: SimServer, master: pd.DataFrame, skip: Sequence[s
         if now != RULES.group_for(tier):
             wrong.append((cid, tier, now))
     assert not wrong, f"{len(wrong)} customers in the wrong group, e.g. {wrong[:3]}"
+
+
+# -- the group check ---------------------------------------------------------------------------
+
+
+def test_a_quiet_days_group_check_costs_the_same_at_any_store_size(tmp_path: Path) -> None:
+    cost: dict[int, int] = {}
+    listing: dict[int, int] = {}
+    for n in (2_000, 8_000):
+        store, master = build_store(n, seed=n)
+        with running_simulator(store=store, clock=clock_after(AS_OF)) as sim:
+            refs, paths = plan(sim, tmp_path / str(n), master)
+            assert refs == []  # a quiet day: nobody changed tier
+            result, cost[n] = check(sim, paths, master)
+            assert result["group_counts_match"] is True
+            assert result["method"] == "feed" and result["listed_groups"] == []
+            assert result["api"]["requests"] == cost[n]
+            old, listing[n] = check(sim, paths, master, by_feed=False)
+            assert old["group_counts"] == result["group_counts"]  # the same answer, both ways
+    # one page of the group list and its end, one page of the feed since the plan (its anchor) and its end
+    assert cost[2_000] == cost[8_000] == 4
+    assert listing[8_000] > 2 * listing[2_000] > 2 * 4  # the old check grew with the store
+
+
+def test_the_group_check_sees_a_persons_change_after_the_plan_and_says_who(tmp_path: Path) -> None:
+    store, master = build_store(1_500, changes=40, seed=3)
+    with running_simulator(store=store, clock=clock_after(AS_OF)) as sim:
+        refs, paths = plan(sim, tmp_path, master)
+        moved = [m["customer_id"] for ref in refs for m in moves_of(ref)]
+        results = [sync.sync_batch(r, client_for(sim), writes_allowed=True) for r in refs]
+        assert sum(r["updated"] for r in results) == len(moved) == 40
+        tier_of = dict(zip(master["Customer ID"], master["Tier"], strict=True))
+        quiet = next(
+            c for c, t in tier_of.items() if t == "Bloom" and c not in moved and group_of(sim, c) != "Staff"
+        )
+        ours = next(c for c in moved if tier_of[c] != "Bloom")
+        staff = next(g for g, doc in sim.store.groups.items() if doc["name"] == "Staff")
+        bloom = next(g for g, doc in sim.store.groups.items() if doc["name"] == RULES.group_for("Bloom"))
+        sim.store.move_customer_to_group(quiet, staff)  # a person, after the writes
+        sim.store.move_customer_to_group(ours, bloom)  # a person undoes one of our moves
+
+        result, cost = check(sim, paths, master)
+        counts = result["group_counts"]
+        assert result["group_counts_match"] is False
+        assert counts["Bloom"]["missing_ids"] == [quiet] and counts["Bloom"]["unexpected_ids"] == [ours]
+        assert counts[tier_of[ours]]["missing_ids"] == [ours]
+        mismatched = {c for v in counts.values() for c in v["missing_ids"] + v["unexpected_ids"]}
+        assert mismatched == {quiet, ours}
+        # one of our writes is not in its group any more: that group is listed to be sure of it
+        assert result["listed_groups"] == [next(r["group_id"] for r in refs if r["tier"] == tier_of[ours])]
+        old, listed = check(sim, paths, master, by_feed=False)
+        assert old["group_counts"] == counts and listed > cost
+
+
+def test_the_group_check_lists_the_written_groups_when_the_feed_hides_membership_writes(
+    tmp_path: Path,
+) -> None:
+    """The API variant where a membership call keeps the customer's version: the feed never shows
+    our moves, so the check lists the groups it wrote to, and still tells the truth."""
+    store, master = build_store(1_500, changes=40, seed=4)
+    with running_simulator(store=store, clock=clock_after(AS_OF), membership_bumps_version=False) as sim:
+        refs, paths = plan(sim, tmp_path, master)
+        for ref in refs:
+            sync.sync_batch(ref, client_for(sim), writes_allowed=True)
+        assert_in_tier_groups(sim, master)
+        result, _ = check(sim, paths, master)
+        assert result["group_counts_match"] is True
+        assert result["listed_groups"] == sorted({r["group_id"] for r in refs})
+        old, _ = check(sim, paths, master, by_feed=False)
+        assert old["group_counts"] == result["group_counts"]
+        # a person's change (which does stamp the customer) is still seen
+        victim = moves_of(refs[0])[0]["customer_id"]
+        staff = next(g for g, doc in sim.store.groups.items() if doc["name"] == "Staff")
+        sim.store.move_customer_to_group(victim, staff)
+        result, _ = check(sim, paths, master)
+        assert result["group_counts"][refs[0]["tier"]]["missing_ids"] == [victim]
+        assert check(sim, paths, master, by_feed=False)[0]["group_counts"] == result["group_counts"]
 
 
 # -- the per-batch re-check --------------------------------------------------------------------
@@ -176,6 +273,8 @@ def test_per_batch_rechecks_cost_in_proportion_to_the_batch_not_to_the_run(tmp_p
             json.loads(Path(last["ref"]).read_text())["customers_cursor"],
         )
         assert feed_requests(sim, start) >= sum(r["size"] for r in refs) // 200 > 5 * max(pages)
+        result, cost = check(sim, paths, master)
+        assert result["group_counts_match"] is True and result["listed_groups"] == [] and cost == 4
 
 
 def test_concurrent_batches_share_the_feed_views_and_stay_exact(tmp_path: Path) -> None:
@@ -192,5 +291,7 @@ def test_concurrent_batches_share_the_feed_views_and_stay_exact(tmp_path: Path) 
         assert_in_tier_groups(sim, master)
         # three at a time, a re-check reads at most the writes of the batches beside it and since
         assert feed_requests(sim, start) <= 3 * len(refs)
+        result, _ = check(sim, paths, master)
+        assert result["group_counts_match"] is True and result["listed_groups"] == []
         views = [p.name for p in Path(paths.run_sync_plan_dir).iterdir() if p.name.startswith("feed-")]
-        assert 1 <= len(views) <= 3  # older views are removed once a newer one is saved
+        assert len(views) == 1  # older views are removed once a newer one is saved

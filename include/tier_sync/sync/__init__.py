@@ -18,7 +18,7 @@ This package re-exports what callers have always imported from `include.tier_syn
 Importing it imports no pandas, numpy or pyarrow: the DataFrame-taking functions (`plan_moves`,
 `prepare_sync`, `verify_group_counts`) get their frames from the caller, and the one pandas call
 (`pd.isna` on frame values) imports pandas inside its function. Each mapped `sync_batch` thus
-loads only its batch file, its progress file and plan.json.
+loads only its batch file, its progress file, plan.json and the plan's newest feed view.
 """
 
 from __future__ import annotations

@@ -31,11 +31,13 @@ from include.tier_sync.sync.contracts import (
     ExpectedMembers,
     FeedView,
     PlanDoc,
+    PlanGroupMembers,
     batch_file_from_json,
     expected_members_from_json,
     expected_members_to_json,
     feed_view_from_json,
     plan_doc_from_json,
+    plan_group_members_from_json,
 )
 from include.tier_sync.sync.groups import GroupMap
 
@@ -54,6 +56,7 @@ PLAN_FORMAT = "tier-sync-plan/1"
 # -- file names inside runs/<key>/sync_plan/ (the only place they are spelled) -----------------
 PLAN_FILE = "plan.json"
 EXPECTED_MEMBERS_FILE = "expected_members.json"
+GROUP_MEMBERS_FILE = "tier_group_members.json"
 FEED_VIEW_PATTERN = "feed-{plan_id}-{to:020d}.json"  # the newest per plan is the one read
 BATCH_FILE_PATTERN = "batch-{index:04d}.json"
 BATCH_SUFFIX = ".json"
@@ -77,6 +80,10 @@ def plan_path(paths: RunPaths) -> str:
 
 def expected_members_path(paths: RunPaths) -> str:
     return fileio.join(paths.run_sync_plan_dir, EXPECTED_MEMBERS_FILE)
+
+
+def group_members_path(paths: RunPaths) -> str:
+    return fileio.join(paths.run_sync_plan_dir, GROUP_MEMBERS_FILE)
 
 
 def plan_dir_of(ref: str) -> str:
@@ -244,6 +251,21 @@ def write_expected_members(plan: Plan, paths: RunPaths) -> str:
     return target
 
 
+def write_group_members(
+    paths: RunPaths, plan_id: str, customers_cursor: int, members: Mapping[str, Iterable[str]]
+) -> str:
+    """Each tier group's live members at the plan's cursor (the group check's starting state)."""
+    target = group_members_path(paths)
+    doc: PlanGroupMembers = {
+        "format_version": FORMAT_VERSION,
+        "plan_id": plan_id,
+        "customers_cursor": int(customers_cursor),
+        "members": {str(g): sorted(str(c) for c in ids) for g, ids in members.items()},
+    }
+    fileio.write_json(target, doc)
+    return target
+
+
 def write_feed_view(plan_dir: str, view: FeedView) -> str:
     """Save a feed view under its ``to``, then remove the same plan's older (now redundant) views.
 
@@ -281,6 +303,12 @@ def _remove_file(url: str) -> None:
 
 
 # -- reading -----------------------------------------------------------------------------------
+
+
+def read_group_members(paths: RunPaths) -> PlanGroupMembers | None:
+    """`tier_group_members.json`, or None for a plan written before it existed."""
+    target = group_members_path(paths)
+    return plan_group_members_from_json(fileio.read_json(target), target)
 
 
 def read_latest_feed_view(plan_dir: str, plan_id: str, start: int) -> FeedView | None:

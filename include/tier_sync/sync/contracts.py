@@ -289,6 +289,34 @@ def expected_members_from_json(raw: Any, where: str) -> ExpectedMembers | None:
     return {str(tier): [str(c) for c in ids] for tier, ids in raw.items() if tier != "format_version"}
 
 
+class PlanGroupMembers(TypedDict):
+    """`sync_plan/tier_group_members.json`: each tier group's live members at the plan's cursor.
+
+    The state the group check starts from: with the customers feed since ``customers_cursor`` it
+    gives every tier group's members now without listing any group (verify.py).
+    """
+
+    format_version: NotRequired[int]
+    plan_id: str
+    customers_cursor: int
+    members: dict[str, list[str]]  # tier group id -> customer ids
+
+
+def plan_group_members_from_json(raw: Any, where: str) -> PlanGroupMembers | None:
+    if not isinstance(raw, dict):
+        return None
+    format_version_of(raw, where)
+    members = raw.get("members")
+    cursor = raw.get("customers_cursor")
+    if not isinstance(members, dict) or isinstance(cursor, bool) or not isinstance(cursor, int):
+        raise ValueError(f"{where} is not a tier-group members file (members and customers_cursor needed)")
+    return {
+        "plan_id": str(raw.get("plan_id")),
+        "customers_cursor": cursor,
+        "members": {str(g): [str(c) for c in ids] for g, ids in members.items()},
+    }
+
+
 class FeedRecord(TypedDict):
     """One customer's newest state in a feed view: all a re-check or the group check needs (no names)."""
 
@@ -332,6 +360,10 @@ class TierGroupCount(TypedDict):
     missing: int
     unexpected: int
     match: bool
+    # which customers disagree with the CSV (ids only): expected here but not in the group, and
+    # managed customers in the group that belong elsewhere
+    missing_ids: NotRequired[list[str]]
+    unexpected_ids: NotRequired[list[str]]
 
 
 class GroupCheck(TypedDict):
@@ -343,6 +375,11 @@ class GroupCheck(TypedDict):
     group_counts: NotRequired[dict[str, TierGroupCount]]
     group_counts_match: NotRequired[bool]
     api: NotRequired[ApiCounts]
+    # how the members were known: "feed" (the plan's state plus the customers feed since its
+    # cursor, with the groups in `listed_groups` listed to confirm writes) or "listing" (every
+    # tier group listed: a plan without tier_group_members.json)
+    method: NotRequired[str]
+    listed_groups: NotRequired[list[str]]
 
 
 def group_check_from_json(raw: Any, where: str) -> GroupCheck | None:

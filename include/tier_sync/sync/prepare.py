@@ -17,11 +17,12 @@ from include.tier_sync.sync.batches import (
     PLAN_FORMAT,
     write_batches,
     write_expected_members,
+    write_group_members,
     write_plan_doc,
 )
 from include.tier_sync.sync.contracts import api_diff, api_stats
-from include.tier_sync.sync.groups import resolve_groups
-from include.tier_sync.sync.plan import check_circuit, circuit_status, plan_moves
+from include.tier_sync.sync.groups import is_placeholder, resolve_groups
+from include.tier_sync.sync.plan import _current_groups, check_circuit, circuit_status, plan_moves
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from include.tier_sync.lightspeed import LightspeedClient
     from include.tier_sync.rules import TierRules
     from include.tier_sync.sync.contracts import BatchRef, PlanSummary
+    from include.tier_sync.sync.groups import GroupMap
 
 
 def decide_writes(
@@ -104,7 +106,9 @@ def prepare_sync(
         "circuit_breaker": status,
         "groups_created": list(groups.created),
     }
+    plan_id = uuid.uuid4().hex
     write_expected_members(plan, paths)
+    write_group_members(paths, plan_id, customers_cursor, tier_group_members(current, groups))
     extra: dict[str, Any] = {
         "summary": summary,
         "started_at": iso(started_at),
@@ -120,7 +124,7 @@ def prepare_sync(
             paths,
             {
                 "format": PLAN_FORMAT,
-                "plan_id": uuid.uuid4().hex,
+                "plan_id": plan_id,
                 "as_of": iso(paths.as_of),
                 "customers_cursor": int(customers_cursor),
                 "refs": [],
@@ -135,6 +139,22 @@ def prepare_sync(
         max_batches=max_batches,
         calls_per_batch=calls_per_batch,
         groups=groups,
+        plan_id=plan_id,
         extra=extra,
     )
     return [{**ref, "writes_allowed": dispatched} for ref in refs] if writes_allowed else []
+
+
+def tier_group_members(current: pd.DataFrame, groups: GroupMap) -> dict[str, list[str]]:
+    """Tier group id -> its live members in the plan's customer data (the state at the plan's cursor).
+
+    The group check starts from this and reads only the customers feed since the cursor, instead
+    of listing every tier group again (verify.py). A group that does not exist yet (placeholder)
+    has no entry; one created by this run has no members at the cursor.
+    """
+    wanted = {gid for gid in groups.tier_groups.values() if not is_placeholder(gid)}
+    members: dict[str, list[str]] = {gid: [] for gid in wanted}
+    for cid, (group_id, deleted) in _current_groups(current).items():
+        if group_id in wanted and not deleted:
+            members[group_id].append(cid)
+    return members
