@@ -85,3 +85,34 @@ def test_a_newer_or_bad_version_is_a_clear_error(tmp_path: Path, version: object
     Path(batches.plan_path(paths)).write_text(json.dumps(doc))
     with pytest.raises(UnsupportedFormatVersion, match="format_version"):
         sync.read_plan_doc(paths)
+
+
+def test_the_group_check_and_feed_view_files_carry_the_version_and_refuse_a_newer_one(tmp_path: Path) -> None:
+    paths = RunPaths(str(tmp_path), AS_OF)
+    members = batches.write_group_members(paths, "p1", 7, {"g-seed": ["c2", "c1"]})
+    assert read(members)["format_version"] == FORMAT_VERSION
+    assert batches.read_group_members(paths) == {
+        "plan_id": "p1",
+        "customers_cursor": 7,
+        "members": {"g-seed": ["c1", "c2"]},
+    }
+    plan_dir = paths.run_sync_plan_dir
+    record = {"version": 9, "customer_group_id": "g-seed", "deleted_at": None}
+    older = batches.write_feed_view(plan_dir, {"plan_id": "p1", "start": 7, "to": 8, "records": {}})
+    newest = batches.write_feed_view(
+        plan_dir, {"plan_id": "p1", "start": 7, "to": 9, "records": {"c1": record}}
+    )
+    assert not Path(older).exists() and read(newest)["format_version"] == FORMAT_VERSION  # the older is gone
+    view = batches.read_latest_feed_view(plan_dir, "p1", 7)
+    assert view is not None and view["to"] == 9 and view["records"] == {"c1": record}
+    assert batches.read_latest_feed_view(plan_dir, "another-plan", 7) is None
+    with pytest.raises(ValueError, match="does not belong to plan p1 from cursor 6"):
+        batches.read_latest_feed_view(plan_dir, "p1", 6)  # never silently used for another cursor
+    for path in (members, newest):
+        doc = read(path)
+        doc["format_version"] = FORMAT_VERSION + 1
+        Path(path).write_text(json.dumps(doc))
+    with pytest.raises(UnsupportedFormatVersion, match="format_version"):
+        batches.read_group_members(paths)
+    with pytest.raises(UnsupportedFormatVersion, match="format_version"):
+        batches.read_latest_feed_view(plan_dir, "p1", 7)
