@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from include.tier_sync import sync
+from include.tier_sync import fileio, sync
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.sync import batches, verify
 from include.tier_sync.sync.contracts import FORMAT_VERSION, UnsupportedFormatVersion
@@ -116,3 +117,14 @@ def test_the_group_check_and_feed_view_files_carry_the_version_and_refuse_a_newe
         batches.read_group_members(paths)
     with pytest.raises(UnsupportedFormatVersion, match="format_version"):
         batches.read_latest_feed_view(plan_dir, "p1", 7)
+
+
+def test_feed_views_work_on_object_storage_too() -> None:
+    """memory:// stands in for s3:// (fsspec): no rename, no lock; one whole object per view."""
+    plan_dir = f"memory://feed-views-test-{uuid.uuid4().hex}/runs/x/sync_plan"
+    record = {"version": 12, "customer_group_id": None, "deleted_at": "2026-11-25T02:00:00+00:00"}
+    first = batches.write_feed_view(plan_dir, {"plan_id": "p2", "start": 10, "to": 11, "records": {}})
+    batches.write_feed_view(plan_dir, {"plan_id": "p2", "start": 10, "to": 12, "records": {"c9": record}})
+    assert not fileio.exists(first)
+    view = batches.read_latest_feed_view(plan_dir, "p2", 10)
+    assert view is not None and view["to"] == 12 and view["records"] == {"c9": record}
