@@ -47,6 +47,8 @@ from airflow.sdk import (
 from include.tier_sync import settings
 from include.tier_sync.alerts import failure_notifier
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
+from include.tier_sync.retry_rules import describe as describe_retry_policy
+from include.tier_sync.retry_rules import tier_sync_retry_policy
 
 DAG_ID = settings.DAG_ID
 
@@ -66,13 +68,16 @@ TIMEOUTS = settings.task_timeouts()
     max_active_runs=1,
     dagrun_timeout=settings.dagrun_timeout(),
     tags=["loyalty", "lightspeed", "customer-tiers"],
-    doc_md=__doc__,
+    doc_md=f"{__doc__}\n{describe_retry_policy()}\n",
     default_args={
         "owner": "loyalty-data",
         "retries": 2,
         "retry_delay": timedelta(minutes=2),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=20),
+        # What a retry can cure (auth and data errors fail at once, a spent rate limit waits a
+        # window, transient API errors back off): include/tier_sync/retry_rules.py.
+        "retry_policy": tier_sync_retry_policy(),
         "on_failure_callback": [failure_notifier()],
     },
     params={

@@ -49,6 +49,7 @@ from include.tier_sync.lightspeed_errors import (
     LightspeedFeedError,
     LightspeedNotFound,
     LightspeedProtocolError,
+    LightspeedRateLimited,
     LightspeedTimeout,
     LightspeedUnavailable,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "LightspeedFeedError",
     "LightspeedNotFound",
     "LightspeedProtocolError",
+    "LightspeedRateLimited",
     "LightspeedTimeout",
     "LightspeedUnavailable",
     "Page",

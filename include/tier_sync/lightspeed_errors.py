@@ -62,6 +62,11 @@ class LightspeedUnavailable(LightspeedError):
     """5xx, network errors, timeouts, 429 or unusable 2xx bodies that outlasted the bounded retries."""
 
 
+class LightspeedRateLimited(LightspeedUnavailable):
+    """Still 429 after every wait the client allows: the rate-limit window is spent (by us or another
+    caller of the same app). The task's retry policy waits one full window before trying again."""
+
+
 class LightspeedTimeout(LightspeedUnavailable):
     """No complete answer in time: a socket read timed out or the request's wall-clock deadline passed
     (a server trickling its body). Transient: retried like a 5xx."""

@@ -40,6 +40,7 @@ from include.tier_sync.lightspeed_errors import (
     LightspeedError,
     LightspeedNotFound,
     LightspeedProtocolError,
+    LightspeedRateLimited,
     LightspeedTimeout,
     LightspeedUnavailable,
 )
@@ -452,7 +453,7 @@ class HttpTransport:
         wait = self._retry_after(answer, waits_429)
         if waits_429 >= self.max_rate_limit_waits:
             log.error("Lightspeed %s %s -> 429 (after %d waits)", method, path, waits_429)
-            raise LightspeedUnavailable(
+            raise LightspeedRateLimited(
                 f"Lightspeed {method} {path}: still rate limited (429) on connection "
                 f"'{self.conn_id}' after {waits_429} waits",
                 status=429,

@@ -2,9 +2,9 @@
 
 The DAG file only wires tasks; each task calls one function here with its Airflow context. These
 functions turn the context into plain inputs (paths, rules, params, a client), call the pure
-modules, and translate domain failures into Airflow's: a failure that a retry cannot fix (bad data,
-a circuit breaker, customers that could not be synced) raises AirflowFailException so the run fails
-at once and alerts, instead of burning retries.
+modules, and fail at once (AirflowFailException) with an operator's message where a failure needs
+one (bad data, a circuit breaker, customers that could not be synced). Which of the remaining
+exceptions are retried, and how, is the DAG's retry policy (include/tier_sync/retry_rules.py).
 
 Heavy modules (pandas, pyarrow, GX, the git helpers) are imported inside the functions: the DAG
 imports this module lazily too, but keeping it cheap costs nothing.
@@ -63,17 +63,6 @@ def _setting(read: Callable[[], T]) -> T:
         raise AssertionError("unreachable") from exc
 
 
-def _fail_if_permanent(exc: BaseException) -> None:
-    """Fail at once (no retries, the alert goes out now) on what a retry cannot fix: a revoked or
-    unusable token, a connection that may not be used as configured, a feed that loops, a target
-    group deleted in the POS. Protocol errors and timeouts stay retryable."""
-    from include.tier_sync.lightspeed import LightspeedAuthError, LightspeedConfigError, LightspeedFeedError
-    from include.tier_sync.sync.write import GroupDeletedError
-
-    if isinstance(exc, LightspeedAuthError | LightspeedConfigError | LightspeedFeedError | GroupDeletedError):
-        _fail(str(exc), exc)
-
-
 # --------------------------------------------------------------------------------------------
 # extract -> compute -> validate -> commit
 # --------------------------------------------------------------------------------------------
@@ -89,9 +78,6 @@ def extract_task(context: Mapping[str, Any]) -> dict[str, Any]:
             return extract_orders(client, OrderStore(paths.store), full_refresh=bool(_params(context).get("full_refresh")))
     except MalformedRecordError as exc:
         _fail(f"Lightspeed returned malformed data; nothing past the last good page was stored: {exc}", exc)
-    except Exception as exc:
-        _fail_if_permanent(exc)
-        raise
     raise AssertionError("unreachable")
 
 
@@ -213,9 +199,6 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
             return [dict(ref) for ref in refs]  # BatchRef (include/tier_sync/sync/contracts.py)
     except MassChangeError as exc:
         _fail(f"Circuit breaker: {exc} Nothing was written. Re-trigger with allow_mass_change=true if intended.", exc)
-    except Exception as exc:
-        _fail_if_permanent(exc)
-        raise
     raise AssertionError("unreachable")
 
 
@@ -225,12 +208,8 @@ def sync_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[
     from include.tier_sync.sync.write import sync_batch
 
     run_paths(context)  # refuses a run dated in the future
-    try:
-        with _client() as client:
-            return dict(sync_batch(ref, client, writes_allowed=bool(ref.get("writes_allowed"))))
-    except Exception as exc:
-        _fail_if_permanent(exc)
-        raise
+    with _client() as client:
+        return dict(sync_batch(ref, client, writes_allowed=bool(ref.get("writes_allowed"))))
 
 
 def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:

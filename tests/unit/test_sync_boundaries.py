@@ -256,14 +256,17 @@ def test_a_target_group_deleted_mid_run_fails_its_batch_at_once(demo: SimServer,
 def test_the_task_fails_a_deleted_group_without_retries(
     demo: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.definitions.retry_policy import RetryAction
 
     from include.tier_sync import tasks
+    from include.tier_sync.retry_rules import decision_for
 
     refs, paths = plan_with(client_for(demo), demo, tmp_path)
     ref = refs[0]
     demo.store.delete_group(ref["group_id"])
     monkeypatch.setattr(tasks, "run_paths", lambda context: paths)  # no Variables, no calendar
     monkeypatch.setattr(tasks, "_client", lambda: client_for(demo))
-    with pytest.raises(AirflowFailException, match="was deleted in the POS; re-plan"):
+    with pytest.raises(GroupDeletedError, match="was deleted in the POS; re-plan") as raised:
         tasks.sync_batch_task({}, ref)
+    # The DAG's retry policy fails it at once (no retries).
+    assert decision_for(raised.value).action is RetryAction.FAIL
