@@ -32,7 +32,7 @@ but never write to the POS. Every task has an `execution_timeout` and the run a 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from airflow.sdk import (
@@ -43,12 +43,14 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
+from airflow.sdk.definitions.callback import SyncCallback
+from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
 from include.tier_sync import settings
-from include.tier_sync.alerts import failure_notifier
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
 from include.tier_sync.retry_rules import describe as describe_retry_policy
 from include.tier_sync.retry_rules import tier_sync_retry_policy
+from include.tier_sync.run_alerts import deadline_interval, deadline_missed, journal_callbacks
 
 DAG_ID = settings.DAG_ID
 
@@ -56,17 +58,27 @@ DAG_ID = settings.DAG_ID
 # DB at parse time). A hung task fails on its timeout and a stuck run on dagrun_timeout, instead of
 # holding the only active run (max_active_runs=1) and blocking the days after it.
 TIMEOUTS = settings.task_timeouts()
+SCHEDULE_AT = time(2, 0)  # UTC, the cron below
+# "Tiers synced by HH:MM UTC" (env TIER_SYNC_SYNCED_BY_UTC, default 06:00): counted from a scheduled
+# run's logical date (its data interval's start, the day before), so 06:00 on the day it runs.
+SYNCED_BY = settings.synced_by()
 
 
 @dag(
     dag_id=DAG_ID,
     # CronDataIntervalTimetable gives each run a real [D-1 02:00, D 02:00) interval; Airflow 3's
     # default cron timetable would give zero-width intervals (see docs/airflow-3-notes.md §A1).
-    schedule=CronDataIntervalTimetable("0 2 * * *", timezone="UTC"),
+    schedule=CronDataIntervalTimetable(f"{SCHEDULE_AT.minute} {SCHEDULE_AT.hour} * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
     dagrun_timeout=settings.dagrun_timeout(),
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        interval=deadline_interval(SYNCED_BY, SCHEDULE_AT),
+        callback=SyncCallback(deadline_missed, kwargs={"synced_by": f"{SYNCED_BY:%H:%M}"}),
+        name=f"tiers synced by {SYNCED_BY:%H:%M} UTC",
+    ),
     tags=["loyalty", "lightspeed", "customer-tiers"],
     doc_md=f"{__doc__}\n{describe_retry_policy()}\n",
     default_args={
@@ -78,7 +90,9 @@ TIMEOUTS = settings.task_timeouts()
         # What a retry can cure (auth and data errors fail at once, a spent rate limit waits a
         # window, transient API errors back off): include/tier_sync/retry_rules.py.
         "retry_policy": tier_sync_retry_policy(),
-        "on_failure_callback": [failure_notifier()],
+        # One alert per run: each task only journals its state and reason (run_alerts.py); the
+        # run_outcome watcher sends the run's one alert, or "recovered" after a failed run.
+        **journal_callbacks(),
     },
     params={
         "dry_run": Param(
@@ -190,22 +204,24 @@ def customer_tier_sync() -> None:
 
         return prune_runs_task(get_current_context())
 
+    # Last, whatever happened (all_done), one at a time across runs (it keeps the recovery state).
     @task(
-        trigger_rule=TriggerRule.ONE_FAILED,
+        trigger_rule=TriggerRule.ALL_DONE,
         retries=0,
+        max_active_tis_per_dag=1,
         on_failure_callback=None,
         execution_timeout=TIMEOUTS["run_outcome"],
     )
-    def run_outcome() -> None:
-        """Fail the run when any task failed.
+    def run_outcome() -> dict[str, Any]:
+        """Send the run's one alert and fail the run when any task failed; "recovered" after a failed run.
 
         write_sync_log runs whatever happened (all_done) so the log is always written; without this
         watcher that successful leaf would mark a run with a failed validation or sync as a success.
-        The failing task has already sent its alert, so this one sends none.
+        Tasks only journal their failures, so a Lightspeed outage failing 200 batches sends one mail.
         """
-        from include.tier_sync.tasks import fail_run
+        from include.tier_sync.run_alerts import run_outcome as watch
 
-        fail_run(get_current_context())
+        return watch(get_current_context())
 
     extracted = extract_orders()
     computed = compute_tiers(extracted)

@@ -1,4 +1,6 @@
-"""Alerts: a failure notifier for the DAG's tasks and `send_alert` for the sync's safety stops.
+"""Alerts: the channels (`send_alert`), redaction, run links and validation summaries.
+
+What is sent when (one alert per run, "recovered", the deadline) is `run_alerts.py`.
 
 Channels are Airflow connections, so a deployment configures them like any other secret:
 
@@ -23,8 +25,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from airflow.sdk import BaseNotifier
-
 log = logging.getLogger(__name__)
 
 SMTP_CONN_ID = "tier_sync_smtp"
@@ -47,7 +47,7 @@ def redact(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Context helpers: task callbacks (worker) and DAG callbacks (dag-processor) differ in shape.
+# Context helpers: the task context and what a callback receives differ in shape.
 
 
 def _ids(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,46 +141,6 @@ def validation_lines(summary: Mapping[str, Any]) -> list[str]:
     if summary.get("data_docs"):
         lines.append(f"Data Docs: {summary['data_docs']}")
     return lines
-
-
-def build_failure_message(context: Mapping[str, Any]) -> tuple[str, str]:
-    """(subject, plain text) for a failed task or DAG run."""
-    ids = _ids(context)
-    what = f"task {ids['task_id']}" if ids["task_id"] else "DAG run"
-    subject = f"{SUBJECT_PREFIX} {ids['dag_id']}: {what} failed ({ids['run_id']})"
-    lines = [f"DAG: {ids['dag_id']}", f"Run: {ids['run_id']}"]
-    if ids["task_id"]:
-        task_line = f"Task: {ids['task_id']}"
-        if ids["map_index"] is not None and ids["map_index"] >= 0:
-            task_line += f" [map_index {ids['map_index']}]"
-        if ids["try_number"] is not None:
-            task_line += f" (try {ids['try_number']})"
-        lines.append(task_line)
-    reason = context.get("reason")
-    if reason:
-        lines.append(f"Reason: {reason}")
-    exc = context.get("exception")
-    summary = None
-    if ids["task_id"] == VALIDATE_TASK_ID or _find_summary(exc if isinstance(exc, BaseException) else None):
-        summary = validation_summary(context)
-        if summary is not None and summary.get("success"):
-            summary = None  # a passed (or stale) report says nothing about this failure
-    if exc is not None:
-        message = redact(f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc))
-        if summary is not None:  # the validation lines below say it all; keep the headline only
-            message = message.splitlines()[0] if message else message
-        if len(message) > MAX_EXCEPTION_CHARS:
-            message = message[:MAX_EXCEPTION_CHARS] + " ..."
-        lines += ["", "Error:", message]
-    if summary is not None:
-        subject = f"{SUBJECT_PREFIX} {ids['dag_id']}: data validation failed ({ids['run_id']})"
-        lines += ["", *validation_lines(summary)]
-        lines.append("Nothing was committed or synced to the POS for this run.")
-    link = run_url(ids["dag_id"], ids["run_id"])
-    lines += ["", f"Run in the Airflow UI: {link}" if link else "Run in the Airflow UI: (unknown run)"]
-    if link and ids["task_id"]:
-        lines.append(f"Task in the Airflow UI: {run_url(ids['dag_id'], ids['run_id'], ids['task_id'])}")
-    return subject, "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,35 +288,3 @@ def send_alert(
 def _describe(err: BaseException) -> str:
     """Exception type and message, minus anything URL-like (a webhook URL is a secret)."""
     return re.sub(r"https?://\S+", "<url>", f"{type(err).__name__}: {err}")
-
-
-class TierSyncFailureNotifier(BaseNotifier):
-    """`on_failure_callback` for the DAG's tasks (and the DAG): says what failed and links the run.
-
-    For validate_tiers it lists the failed expectations with counts and example customer ids. The
-    text is built in code, not Jinja, so braces in an exception message cannot break rendering.
-    """
-
-    template_fields: Sequence[str] = ()
-
-    def __init__(self, smtp_conn_id: str = SMTP_CONN_ID, slack_conn_id: str = SLACK_CONN_ID) -> None:
-        super().__init__()
-        self.smtp_conn_id = smtp_conn_id
-        self.slack_conn_id = slack_conn_id
-
-    def notify(self, context: Any) -> None:
-        try:
-            subject, text = build_failure_message(context)
-        except Exception as err:  # never let the alert path raise
-            log.error("could not build the failure alert: %s", redact(_describe(err)))
-            ids = _ids(context) if isinstance(context, Mapping) else {}
-            subject = f"{SUBJECT_PREFIX} {ids.get('dag_id')}: {ids.get('task_id') or 'run'} failed"
-            text = f"Run {ids.get('run_id')}; details unavailable ({type(err).__name__})."
-        send_alert(subject, text, smtp_conn_id=self.smtp_conn_id, slack_conn_id=self.slack_conn_id)
-
-
-def failure_notifier(
-    smtp_conn_id: str = SMTP_CONN_ID, slack_conn_id: str = SLACK_CONN_ID
-) -> TierSyncFailureNotifier:
-    """The notifier to hang on `on_failure_callback` (tasks via default_args, and the DAG)."""
-    return TierSyncFailureNotifier(smtp_conn_id=smtp_conn_id, slack_conn_id=slack_conn_id)

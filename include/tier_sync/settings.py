@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from datetime import timedelta
+from datetime import time, timedelta
 from urllib.parse import urlsplit
 
 from include.tier_sync.rules import TierRules, describe
@@ -319,3 +319,20 @@ def dagrun_timeout() -> timedelta:
             f"({longest}); raise it or lower {ENV_TASK_TIMEOUTS}"
         )
     return timeout
+
+
+# -- the sync deadline -------------------------------------------------------------------------------
+
+# "Tiers synced by 06:00 UTC", before the shops open: a run still going then alerts, naming the task
+# it is in (a DeadlineAlert on the DAG). Parse time, so the environment only, like the timeouts.
+SYNCED_BY_DEFAULT = "06:00"
+ENV_SYNCED_BY = "TIER_SYNC_SYNCED_BY_UTC"  # "06:00", "05:30"
+
+
+def synced_by() -> time:
+    """The time of day (UTC) by which a scheduled run must have finished: env ENV_SYNCED_BY, else 06:00."""
+    raw = os.environ.get(ENV_SYNCED_BY, "").strip() or SYNCED_BY_DEFAULT
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", raw)
+    if not match:
+        raise ValueError(f"{ENV_SYNCED_BY} must be a UTC time of day as HH:MM (e.g. 06:00), got {raw!r}")
+    return time(int(match.group(1)), int(match.group(2)))

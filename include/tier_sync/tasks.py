@@ -255,8 +255,8 @@ def _why_nothing_was_planned(context: Mapping[str, Any], paths: RunPaths) -> str
 
 def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
     """Write tier_sync_log.json (always), then fail the run if any customer could not be synced."""
-    from include.tier_sync.alerts import send_alert
     from include.tier_sync.artifacts import write_run_manifest
+    from include.tier_sync.run_alerts import record_notice
     from include.tier_sync.sync.batches import read_plan_doc
     from include.tier_sync.sync.log import finish_sync, raise_for_sync_errors
     from include.tier_sync.sync.verify import read_group_check
@@ -275,11 +275,11 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
     )
     write_run_manifest(paths, identity)
     if log_doc["synced"] and log_doc.get("group_counts_match") is False:
-        send_alert(
+        record_notice(  # part of the run's one alert (run_alerts.py), not an alert of its own
+            context,
             "Lightspeed group counts do not match the master CSV",
             "After the sync, at least one tier group in Lightspeed does not hold exactly the customers the "
             f"CSV puts there: {log_doc.get('group_counts')}. See tier_sync_log.json of run {identity.get('run_id')}.",
-            context,
         )
     try:
         raise_for_sync_errors(log_doc)
@@ -294,16 +294,3 @@ def prune_runs_task(context: Mapping[str, Any]) -> dict[str, Any]:
 
     paths = run_paths(context)
     return prune_runs(paths, _setting(settings.retention_days))
-
-
-def fail_run(context: Mapping[str, Any]) -> None:
-    """The watcher's body: only reached when a task failed; name them and fail."""
-    dag_run = context.get("dag_run")
-    failed: list[str] = []
-    get_tis = getattr(dag_run, "get_task_instances", None)
-    if callable(get_tis):
-        try:
-            failed = sorted({ti.task_id for ti in get_tis() if str(ti.state) == "failed"})
-        except Exception:  # the message is a nicety; failing the run is the point
-            log.debug("could not read task states", exc_info=True)
-    _fail(f"The run failed: {', '.join(failed) or 'an upstream task'} failed (see its log and tier_sync_log.json).")

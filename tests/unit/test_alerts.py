@@ -1,4 +1,7 @@
-"""Alerts reach a real (local) SMTP server and Slack webhook, name the failed checks, never crash."""
+"""Alerts reach a real (local) SMTP server and Slack webhook, name the failed checks, never crash.
+
+A failure goes the way it does in the DAG: the task's failure callback journals it, the watcher
+builds the run's one alert from the journal (include/tier_sync/run_alerts.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -18,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from include.tier_sync import alerts
+from include.tier_sync import alerts, run_alerts
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.rules import TierRules
 
@@ -48,6 +52,12 @@ class _Collector:
 @pytest.fixture
 def smtp_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Collector]:
     """aiosmtpd on a free port, plain (no TLS/auth), and the env connection pointing at it."""
+    with running_smtp(monkeypatch) as handler:
+        yield handler
+
+
+@contextmanager
+def running_smtp(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Collector]:
     from aiosmtpd.controller import Controller
 
     handler = _Collector()
@@ -119,6 +129,23 @@ def _no_channels(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal lives in the data dir; each test has its own."""
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", str(tmp_path))
+
+
+def run_alert(context: dict[str, Any]) -> dict[str, str]:
+    """The DAG's failure path: the task's callback journals it, the watcher sends the one alert."""
+    from include.tier_sync.settings import data_dir
+
+    run_alerts.on_task_failure(context)
+    entries, notices = run_alerts.read_journal(data_dir(), RUN_ID)
+    task_id = context["ti"].task_id
+    subject, text = run_alerts.build_run_alert(DAG_ID, RUN_ID, [(task_id, None)], entries, notices)
+    return alerts.send_alert(subject, text)
+
+
 def make_context(task_id: str, exception: BaseException | None) -> dict[str, Any]:
     """What a task's on_failure_callback receives, with stand-ins for the runtime objects."""
     dag_run = SimpleNamespace(dag_id=DAG_ID, run_id=RUN_ID, run_after=AS_OF, run_type="scheduled")
@@ -176,7 +203,7 @@ def test_validation_failure_email_names_checks_counts_ids_and_link(
         raise AirflowFailException(str(dq_error)) from dq_error
     except AirflowFailException as exc:
         failure = exc
-    alerts.TierSyncFailureNotifier().notify(make_context("validate_tiers", failure))
+    run_alert(make_context("validate_tiers", failure))
 
     assert len(smtp_server.messages) == 1
     envelope = smtp_server.messages[0]
@@ -199,18 +226,16 @@ def test_summary_read_from_run_json_when_exception_has_none(
 
     monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", str(tmp_path))
     bad_run(tmp_path)
-    alerts.TierSyncFailureNotifier().notify(
-        make_context("validate_tiers", AirflowFailException("validation failed"))
-    )
+    run_alert(make_context("validate_tiers", AirflowFailException("validation failed")))
     text = email_text(smtp_server.messages[0])
     assert "customer_id_unique" in text and "cust-0003" in text and "row_count_not_dropped" in text
 
 
 def test_other_task_failure_email_redacts(smtp_server: _Collector) -> None:
     exc = RuntimeError("401 for token=abcd1234efgh, customer jane.doe@shop.example")
-    alerts.TierSyncFailureNotifier().notify(make_context("extract_orders", exc))
+    run_alert(make_context("extract_orders", exc))
     text = email_text(smtp_server.messages[0])
-    assert "extract_orders failed" in text and "RuntimeError" in text
+    assert "run failed: extract_orders" in text and "RuntimeError" in text
     assert "abcd1234efgh" not in text and "jane.doe" not in text
     assert f"{RUN_LINK}/tasks/extract_orders" in text
 
@@ -231,15 +256,12 @@ def test_recipients_from_variable(smtp_server: _Collector, monkeypatch: pytest.M
 
 def test_no_channel_warns_and_returns(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="include.tier_sync.alerts")
-    notifier = alerts.TierSyncFailureNotifier()
-    notifier.notify(make_context("compute_tiers", ValueError("boom")))
+    out = run_alert(make_context("compute_tiers", ValueError("boom")))
+    assert out == {"smtp": "not configured", "slack": "not configured"}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and "No alert channel is configured" in warnings[-1].getMessage()
     assert "tier_sync_smtp" in warnings[-1].getMessage() and "tier_sync_slack" in warnings[-1].getMessage()
-    # Also through BaseNotifier.__call__ (how Airflow invokes it), without a DAG object.
-    notifier(
-        {"run_id": RUN_ID, "ti": make_context("compute_tiers", None)["ti"], "exception": ValueError("x")}
-    )
+    assert "ValueError: boom" in warnings[-1].getMessage()
 
 
 def test_broken_smtp_is_logged_not_raised(
