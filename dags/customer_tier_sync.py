@@ -50,7 +50,8 @@ from include.tier_sync import settings
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
 from include.tier_sync.retry_rules import describe as describe_retry_policy
 from include.tier_sync.retry_rules import tier_sync_retry_policy
-from include.tier_sync.run_alerts import deadline_interval, deadline_missed, journal_callbacks
+from include.tier_sync.run_alerts import journal_callbacks
+from include.tier_sync.stuck_runs import deadline_interval, deadline_missed, on_run_failure
 
 DAG_ID = settings.DAG_ID
 
@@ -79,6 +80,8 @@ SYNCED_BY = settings.synced_by()
         callback=SyncCallback(deadline_missed, kwargs={"synced_by": f"{SYNCED_BY:%H:%M}"}),
         name=f"tiers synced by {SYNCED_BY:%H:%M} UTC",
     ),
+    # A run that fails before run_outcome sent its alert (dagrun_timeout): the alert from here.
+    on_failure_callback=[on_run_failure],
     tags=["loyalty", "lightspeed", "customer-tiers"],
     doc_md=f"{__doc__}\n{describe_retry_policy()}\n",
     default_args={

@@ -15,9 +15,8 @@ How it fits together (the channels, redaction and validation lines are `alerts.p
 - **Recovery state**: `<data dir>/alerts/state.json` says whether the last alerted outcome was a
   failure. Any failed run sets it; only a run that proves the pipeline works clears it: not a dry
   run, not a back-fill (those write nothing to the POS).
-- **The deadline.** A `DeadlineAlert` on the DAG (Airflow runs the callback on the executor when the
-  run has not finished by the deadline) sends "tiers not synced by 06:00 UTC" naming the task(s)
-  the run is in, from the journal.
+- **Runs that do not end the normal way** (late at the 06:00 UTC deadline, or failed before the
+  watcher ran, e.g. on `dagrun_timeout`) are `stuck_runs.py`'s, from the same journal.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from include.tier_sync import fileio
@@ -79,6 +78,11 @@ def entry_name(task_id: str, map_index: int | None) -> str:
 
 def state_path(data_dir: str) -> str:
     return fileio.join(alerts_root(data_dir), "state.json")
+
+
+def outcome_path(data_dir: str, run_id: str) -> str:
+    """Written by the watcher once it has alerted (or found nothing to alert on) for the run."""
+    return fileio.join(run_folder(data_dir, run_id), "outcome.json")
 
 
 def _data_dir() -> str:
@@ -302,6 +306,16 @@ def proves_recovery(context: Mapping[str, Any]) -> bool:
     return not params.get("dry_run") and str(getattr(run_type, "value", run_type)) != "backfill"
 
 
+def _state_lock(data_dir: str) -> Any:
+    return fileio.exclusive_lock(fileio.join(alerts_root(data_dir), "state.lock"))
+
+
+def mark_failing(data_dir: str, run_id: str, now: datetime | None = None) -> None:
+    """Record a failed run for the "recovered" notice (the DAG callback's path; the watcher's is inline)."""
+    with _state_lock(data_dir):
+        fileio.write_json(state_path(data_dir), {"failing": True, "failed_run_id": run_id, "at": _iso(now or _now())})
+
+
 def _task_states(context: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     ti = context.get("ti") or context.get("task_instance")
     states = ti.get_task_states(dag_id=dag_id, run_ids=[run_id])  # type: ignore[union-attr]
@@ -329,91 +343,23 @@ def run_outcome(context: Mapping[str, Any], now: datetime | None = None) -> dict
     failed = failed_from_states(states, task_ids)
     entries, notices = read_journal(data_dir, run_id)
     outcome: dict[str, Any] = {"failed": [f"{t}[{m}]" if m is not None else t for t, m in failed], "sent": []}
-    with fileio.exclusive_lock(fileio.join(alerts_root(data_dir), "state.lock")):
+    at = _iso(now or _now())
+    with _state_lock(data_dir):
         state = fileio.read_json(state_path(data_dir), default=None) or {}
         if failed or notices:
             subject, text = build_run_alert(dag_id, run_id, failed, entries, notices)
             send_alert(subject, text)
             outcome["sent"].append(subject)
         if failed:
-            new_state = {"failing": True, "failed_run_id": run_id, "at": _iso(now or _now())}
-            fileio.write_json(state_path(data_dir), new_state)
+            fileio.write_json(state_path(data_dir), {"failing": True, "failed_run_id": run_id, "at": at})
         elif state.get("failing") and proves_recovery(context):
             subject, text = build_recovery_notice(dag_id, run_id, state.get("failed_run_id"))
             send_alert(subject, text)
             outcome["sent"].append(subject)
-            fileio.write_json(state_path(data_dir), {"failing": False, "recovered_run_id": run_id, "at": _iso(now or _now())})
+            fileio.write_json(state_path(data_dir), {"failing": False, "recovered_run_id": run_id, "at": at})
+    fileio.write_json(outcome_path(data_dir, run_id), {**outcome, "at": at})  # the DAG callback's "done"
     if failed:
         raise AirflowFailException(
             f"The run failed: {', '.join(outcome['failed'])} failed (one alert sent; see tier_sync_log.json)."
         )
     return outcome
-
-
-# --------------------------------------------------------------------------------------------
-# The deadline: "tiers synced by HH:MM UTC"
-
-
-def deadline_interval(synced_by: time, run_at: time) -> timedelta:
-    """From a scheduled run's logical date (its data interval's start, the day before at `run_at`)
-    to `synced_by` on the day the run starts: one day plus the time from `run_at` to `synced_by`."""
-    start = timedelta(hours=run_at.hour, minutes=run_at.minute)
-    end = timedelta(hours=synced_by.hour, minutes=synced_by.minute)
-    if start == end:
-        raise ValueError(f"the sync deadline {synced_by:%H:%M} UTC equals the schedule's start {run_at:%H:%M} UTC")
-    return timedelta(days=1) + (end - start) % timedelta(days=1)
-
-
-def where_it_is(entries: Mapping[tuple[str, int | None], Mapping[str, Any]]) -> str:
-    """Which task(s) a run is in, from its journal: running or waiting to retry, else the last done."""
-    active = [e for e in entries.values() if e.get("state") in (RUNNING, UP_FOR_RETRY)]
-    if not active:
-        done = sorted(entries.values(), key=lambda e: str(e.get("at")))
-        if not done:
-            return "no task has started yet (the run is queued, or waiting for a worker or a pool slot)"
-        last = done[-1]
-        return f"no task is running; the last one to finish was {last.get('task_id')} ({last.get('state')} at {last.get('at')})"
-    parts: list[str] = []
-    by_task: dict[str, list[Mapping[str, Any]]] = {}
-    for e in active:
-        by_task.setdefault(str(e.get("task_id")), []).append(e)
-    for task_id, items in sorted(by_task.items()):
-        running = [e for e in items if e.get("state") == RUNNING]
-        waiting = [e for e in items if e.get("state") == UP_FOR_RETRY]
-        bits = []
-        if running:
-            since = min(str(e.get("at")) for e in running)
-            bits.append(f"{len(running)} running since {since}" if len(items) > 1 else f"running since {since}")
-        for e in waiting:
-            bits.append(f"{e.get('label') or 'up'} for retry after try {e.get('try_number')}: {_group_key(e)}")
-        parts.append(f"{task_id} ({'; '.join(bits)})")
-    return "stuck in " + ", ".join(parts)
-
-
-def build_deadline_alert(
-    dag_id: str, run_id: str, synced_by: str, deadline_time: Any, where: str
-) -> tuple[str, str]:
-    subject = f"{SUBJECT_PREFIX} {dag_id}: tiers not synced by {synced_by} UTC ({run_id})"
-    text = (
-        f"DAG: {dag_id}\nRun: {run_id}\nThe run had not finished by its deadline, {synced_by} UTC "
-        f"({deadline_time}): the shops may open with yesterday's tiers.\nWhere it is: {where}.\n\n"
-        f"Run in the Airflow UI: {run_url(dag_id, run_id)}"
-    )
-    return subject, text
-
-
-def deadline_missed(synced_by: str = "06:00", context: Mapping[str, Any] | None = None) -> None:
-    """The DeadlineAlert callback (runs on the executor: Variables and connections only, no task
-    states), so the journal says where the run is. Never raises: the alert goes out regardless."""
-    context = context or {}
-    dag_run = context.get("dag_run") or {}
-    deadline = context.get("deadline") or {}
-    dag_id = str(dag_run.get("dag_id"))
-    run_id = str(dag_run.get("dag_run_id") or dag_run.get("run_id"))
-    try:
-        entries, _ = read_journal(_data_dir(), run_id)
-        where = where_it_is(entries)
-    except Exception as err:
-        where = f"unknown (the alert journal could not be read: {type(err).__name__})"
-    subject, text = build_deadline_alert(dag_id, run_id, synced_by, deadline.get("deadline_time"), where)
-    send_alert(subject, text)

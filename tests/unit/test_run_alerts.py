@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from include.tier_sync import run_alerts
+from include.tier_sync import run_alerts, stuck_runs
 from include.tier_sync.lightspeed_errors import LightspeedUnavailable
 from tests.unit.test_alerts import _Collector, email_text, running_smtp
 
@@ -238,10 +238,10 @@ def test_unreadable_task_states_fail_loudly_with_an_alert(data_dir: Path, smtp_s
 
 
 def test_deadline_interval_from_the_logical_date() -> None:
-    assert run_alerts.deadline_interval(time(6, 0), time(2, 0)) == timedelta(hours=28)
-    assert run_alerts.deadline_interval(time(1, 30), time(2, 0)) == timedelta(hours=47, minutes=30)
+    assert stuck_runs.deadline_interval(time(6, 0), time(2, 0)) == timedelta(hours=28)
+    assert stuck_runs.deadline_interval(time(1, 30), time(2, 0)) == timedelta(hours=47, minutes=30)
     with pytest.raises(ValueError, match="equals the schedule's start"):
-        run_alerts.deadline_interval(time(2, 0), time(2, 0))
+        stuck_runs.deadline_interval(time(2, 0), time(2, 0))
 
 
 def test_the_dags_deadline_is_0600_on_the_day_a_scheduled_run_starts() -> None:
@@ -251,7 +251,7 @@ def test_the_dags_deadline_is_0600_on_the_day_a_scheduled_run_starts() -> None:
     dag = DagBag("dags").dags[DAG_ID]
     (alert,) = dag.deadline
     assert type(alert.reference).__name__ == "DagRunLogicalDateDeadline"
-    assert alert.callback.path == "include.tier_sync.run_alerts.deadline_missed"
+    assert alert.callback.path == "include.tier_sync.stuck_runs.deadline_missed"
     assert alert.callback.kwargs == {"synced_by": "06:00"}
     from airflow.timetables.base import TimeRestriction
     from airflow.timetables.interval import CronDataIntervalTimetable
@@ -284,7 +284,7 @@ def test_the_deadline_alert_says_which_task_the_run_is_stuck_in(data_dir: Path, 
         run_alerts.on_task_success(context("late", task_id))
     run_alerts.on_task_execute(context("late", "sync_batch", map_index=0, label="Gold 1/2"))
     run_alerts.on_task_retry(context("late", "sync_batch", unavailable("g1"), map_index=1, label="Gold 2/2"))
-    run_alerts.deadline_missed(
+    stuck_runs.deadline_missed(
         synced_by="06:00",
         context={
             "dag_run": {"dag_id": DAG_ID, "dag_run_id": "late", "state": "running"},
@@ -300,8 +300,59 @@ def test_the_deadline_alert_says_which_task_the_run_is_stuck_in(data_dir: Path, 
 
 
 def test_where_it_is_before_any_task_started_and_between_tasks() -> None:
-    assert run_alerts.where_it_is({}).startswith("no task has started yet")
+    assert stuck_runs.where_it_is({}).startswith("no task has started yet")
     done = {("plan_sync", None): {"task_id": "plan_sync", "state": "success", "at": "2026-11-25T03:00:00Z"}}
-    assert run_alerts.where_it_is(done) == (
+    assert stuck_runs.where_it_is(done) == (
         "no task is running; the last one to finish was plan_sync (success at 2026-11-25T03:00:00Z)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A run that failed before its watcher ran (dagrun_timeout): the DAG's failure callback
+
+
+def dag_failure_context(run_id: str, reason: str = "timed_out") -> dict[str, Any]:
+    """What the dag-processor passes a DAG-level on_failure_callback."""
+    return {"dag": SimpleNamespace(dag_id=DAG_ID), "run_id": run_id, "reason": reason}
+
+
+def test_a_timed_out_run_alerts_from_the_dag_callback(data_dir: Path, smtp_server: _Collector) -> None:
+    run_alerts.on_task_success(context("slow", "extract_orders"))
+    run_alerts.on_task_failure(context("slow", "compute_tiers", RuntimeError("killed: token=abc123")))
+    run_alerts.on_task_execute(context("slow", "validate_tiers"))
+    stuck_runs.on_run_failure(dag_failure_context("slow"))
+    assert len(smtp_server.messages) == 1
+    text = html.unescape(email_text(smtp_server.messages[0]))
+    assert f"{DAG_ID}: run failed (timed_out) before its watcher ran (slow)" in text
+    assert "== compute_tiers (try 1)\nError: RuntimeError: killed: token=***" in text and "abc123" not in text
+    assert "Where it was: stuck in validate_tiers (running since 2026-11-25T02:30:00Z)." in text
+    assert json.loads((data_dir / "alerts" / "state.json").read_text())["failed_run_id"] == "slow"
+
+
+def test_the_dag_callback_is_silent_when_the_watcher_alerted(data_dir: Path, smtp_server: _Collector) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    run_alerts.on_task_failure(context("r", "extract_orders", RuntimeError("boom")))
+    with pytest.raises(AirflowFailException):
+        run_alerts.run_outcome(context("r", "run_outcome", states=good_states(extract_orders="failed")))
+    assert len(smtp_server.messages) == 1
+    stuck_runs.on_run_failure(dag_failure_context("r", reason="task_failure"))
+    assert len(smtp_server.messages) == 1  # no second alert for the same run
+
+
+def test_a_cleared_attempt_is_not_covered_by_an_older_watcher_alert(
+    data_dir: Path, smtp_server: _Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    run_alerts.on_task_failure(context("r", "extract_orders", RuntimeError("boom")))
+    with pytest.raises(AirflowFailException):
+        run_alerts.run_outcome(context("r", "run_outcome", states=good_states(extract_orders="failed")))
+    # The run is cleared; its new attempt journals later and then times out before the watcher.
+    monkeypatch.setattr(run_alerts, "_now", lambda: NOW + timedelta(hours=1))
+    run_alerts.on_task_execute(context("r", "extract_orders"))
+    stuck_runs.on_run_failure(dag_failure_context("r"))
+    assert len(smtp_server.messages) == 2
+    assert "stuck in extract_orders (running since 2026-11-25T03:30:00Z)" in html.unescape(
+        email_text(smtp_server.messages[1])
     )
