@@ -133,9 +133,24 @@ def task_entry(context: Mapping[str, Any], state: str, now: datetime) -> dict[st
     return entry
 
 
+def future_refusal(context: Mapping[str, Any]) -> str | None:
+    """The ledger's refusal when the run is dated in the future, else None. Such a run writes
+    nothing in the data dir, not even this journal: its alert names the date from this message."""
+    from include.tier_sync.ledger import FutureRunError, refuse_future
+    from include.tier_sync.runtime import resolve_as_of
+
+    try:
+        refuse_future(resolve_as_of(context))
+    except FutureRunError as exc:
+        return str(exc)
+    return None
+
+
 def record(context: Mapping[str, Any], state: str) -> None:
     """Write the task's journal entry; never raises (the journal must not fail the task)."""
     try:
+        if future_refusal(context):
+            return  # the task refuses the run itself; the watcher's alert names the date
         entry = task_entry(context, state, _now())
         run_id = _ids(context)["run_id"]
         if not run_id or not entry["task_id"]:
@@ -341,8 +356,14 @@ def run_outcome(context: Mapping[str, Any], now: datetime | None = None) -> dict
         send_alert(f"{dag_id}: run outcome unknown ({run_id})", text, context)
         raise AirflowFailException(text) from err
     failed = failed_from_states(states, task_ids)
-    entries, notices = read_journal(data_dir, run_id)
     outcome: dict[str, Any] = {"failed": [f"{t}[{m}]" if m is not None else t for t, m in failed], "sent": []}
+    refusal = future_refusal(context)
+    if refusal:  # nothing journaled, nothing to write: the alert gives the refusal as every reason
+        entries = {key: {"task_id": key[0], "error": redact(refusal)} for key in failed}
+        subject, text = build_run_alert(dag_id, run_id, failed, entries)
+        send_alert(subject, text)
+        raise AirflowFailException(f"The run failed: {', '.join(outcome['failed']) or 'a task'} failed: {refusal}")
+    entries, notices = read_journal(data_dir, run_id)
     at = _iso(now or _now())
     with _state_lock(data_dir):
         state = fileio.read_json(state_path(data_dir), default=None) or {}

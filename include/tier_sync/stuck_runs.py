@@ -29,6 +29,7 @@ from include.tier_sync.run_alerts import (
     _data_dir,
     _group_key,
     build_run_alert,
+    future_refusal,
     mark_failing,
     outcome_path,
     read_journal,
@@ -124,6 +125,8 @@ def on_run_failure(context: Mapping[str, Any]) -> None:
     try:
         dag_id = str(getattr(context.get("dag"), "dag_id", None))
         run_id = str(context.get("run_id"))
+        if future_refusal(context):
+            return  # refused by every task; run_outcome alerted without writing a thing
         data_dir = _data_dir()
         entries, notices = read_journal(data_dir, run_id)
         if watcher_alerted(data_dir, run_id, entries):

@@ -356,3 +356,24 @@ def test_a_cleared_attempt_is_not_covered_by_an_older_watcher_alert(
     assert "stuck in extract_orders (running since 2026-11-25T03:30:00Z)" in html.unescape(
         email_text(smtp_server.messages[1])
     )
+
+
+def test_a_run_dated_in_the_future_journals_nothing_and_its_alert_names_the_date(
+    data_dir: Path, smtp_server: _Collector
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    future = datetime(2099, 1, 1, 2, tzinfo=UTC)
+    ctx = context("typo", "extract_orders", RuntimeError("Refusing ..."))
+    ctx["data_interval_start"], ctx["data_interval_end"] = future - timedelta(days=1), future
+    run_alerts.on_task_execute(ctx)
+    run_alerts.on_task_failure(ctx)
+    watcher = context("typo", "run_outcome", states=good_states(extract_orders="failed"))
+    watcher["data_interval_start"], watcher["data_interval_end"] = ctx["data_interval_start"], future
+    with pytest.raises(AirflowFailException, match="Refusing a run as of 2099-01-01T02:00:00Z"):
+        run_alerts.run_outcome(watcher)
+    stuck_runs.on_run_failure({**dag_failure_context("typo"), "data_interval_end": future})
+    assert sorted(p for p in data_dir.rglob("*") if p.is_file()) == []  # not even the journal
+    assert len(smtp_server.messages) == 1
+    text = email_text(smtp_server.messages[0])
+    assert "run failed: extract_orders (typo)" in text and "Refusing a run as of 2099-01-01T02:00:00Z" in text
