@@ -43,15 +43,13 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
-from airflow.sdk.definitions.callback import SyncCallback
-from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
 from include.tier_sync import settings
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
 from include.tier_sync.retry_rules import describe as describe_retry_policy
 from include.tier_sync.retry_rules import tier_sync_retry_policy
 from include.tier_sync.run_alerts import journal_callbacks
-from include.tier_sync.stuck_runs import deadline_interval, deadline_missed, on_run_failure
+from include.tier_sync.stuck_runs import on_run_failure, sync_deadline
 
 DAG_ID = settings.DAG_ID
 
@@ -74,12 +72,7 @@ SYNCED_BY = settings.synced_by()
     catchup=False,
     max_active_runs=1,
     dagrun_timeout=settings.dagrun_timeout(),
-    deadline=DeadlineAlert(
-        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
-        interval=deadline_interval(SYNCED_BY, SCHEDULE_AT),
-        callback=SyncCallback(deadline_missed, kwargs={"synced_by": f"{SYNCED_BY:%H:%M}"}),
-        name=f"tiers synced by {SYNCED_BY:%H:%M} UTC",
-    ),
+    deadline=sync_deadline(SYNCED_BY, SCHEDULE_AT),  # None under `airflow dags test` (see there)
     # A run that fails before run_outcome sent its alert (dagrun_timeout): the alert from here.
     on_failure_callback=[on_run_failure],
     tags=["loyalty", "lightspeed", "customer-tiers"],

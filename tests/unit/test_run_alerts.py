@@ -377,3 +377,12 @@ def test_a_run_dated_in_the_future_journals_nothing_and_its_alert_names_the_date
     assert len(smtp_server.messages) == 1
     text = email_text(smtp_server.messages[0])
     assert "run failed: extract_orders (typo)" in text and "Refusing a run as of 2099-01-01T02:00:00Z" in text
+
+
+def test_no_deadline_under_airflow_dags_test() -> None:
+    """Airflow 3.3.2's `dags test` crashes on a successful run of a DAG with deadline alerts."""
+    airflow = ["/venv/bin/airflow"]
+    assert stuck_runs.sync_deadline(time(6, 0), time(2, 0), argv=[*airflow, "dags", "test", DAG_ID]) is None
+    for argv in ([*airflow, "scheduler"], [*airflow, "dag-processor"], ["pytest", "tests"]):
+        alert = stuck_runs.sync_deadline(time(6, 0), time(2, 0), argv=argv)
+        assert alert is not None and alert.interval == timedelta(hours=28), argv
