@@ -14,9 +14,10 @@ Every day at 02:00 UTC this DAG runs the retailer's loyalty program:
    replaces the stable master CSV (one run at a time). A run dated in the future is refused by
    every task before it reads or writes anything.
 5. **commit_csv**: commits the master CSV to the `tier_sync_git_remote` repository.
-6. **plan_sync** / **sync_batch** (mapped, pool `lightspeed_api`): moves customers whose tier
-   changed into the matching Lightspeed customer group. Staff, Wholesale and other non-tier groups
-   are never touched.
+6. **plan_sync** / **approve_sync** / **sync_batch** (mapped, pool `lightspeed_api`): moves
+   customers whose tier changed into the matching Lightspeed customer group. Staff, Wholesale and
+   other non-tier groups are never touched. A plan that trips the circuit breaker waits in
+   approve_sync for a person (Required actions: apply all, upgrades only, or abort).
 7. **verify_group_counts** / **write_sync_log**: checks the groups against the CSV and writes
    `tier_sync_log.json` (also this task's XCom).
 8. **prune_runs**: removes run folders older than the `tier_sync_retention_days` Variable (default
@@ -24,7 +25,7 @@ Every day at 02:00 UTC this DAG runs the retailer's loyalty program:
 
 Trigger options: `dry_run` (plan and log only), `full_refresh` (rebuild the order store),
 `force_resync` (re-assert every managed customer's group), `limit` (first N moves only),
-`allow_mass_change` (override the circuit breaker). Back-filled and superseded runs compute and log
+`allow_mass_change` (write a mass change without asking). Back-filled and superseded runs compute and log
 but never write to the POS. Every task has an `execution_timeout` and the run a `dagrun_timeout`
 (defaults in include/tier_sync/settings.py; env `TIER_SYNC_TASK_TIMEOUT_MINUTES`,
 `TIER_SYNC_DAGRUN_TIMEOUT_HOURS`). See the project README for operating notes.
@@ -45,6 +46,7 @@ from airflow.sdk import (
 )
 
 from include.tier_sync import settings
+from include.tier_sync.approval import SyncApprovalOperator
 from include.tier_sync.artifacts import MASTER_CSV_ASSET
 from include.tier_sync.retry_rules import describe as describe_retry_policy
 from include.tier_sync.retry_rules import tier_sync_retry_policy
@@ -61,6 +63,7 @@ SCHEDULE_AT = time(2, 0)  # UTC, the cron below
 # "Tiers synced by HH:MM UTC" (env TIER_SYNC_SYNCED_BY_UTC, default 06:00): counted from a scheduled
 # run's logical date (its data interval's start, the day before), so 06:00 on the day it runs.
 SYNCED_BY = settings.synced_by()
+SAFETY_SECTION = "Safety overrides"
 
 
 @dag(
@@ -99,17 +102,24 @@ SYNCED_BY = settings.synced_by()
             False, type="boolean", title="Full refresh",
             description="Rebuild the order store from the full Lightspeed history instead of reading only what changed.",
         ),
-        "force_resync": Param(
-            False, type="boolean", title="Force resync",
-            description="Re-assert the group of every managed customer, not only those whose tier changed.",
+        # Safety overrides: a section of their own, each with its warning.
+        "allow_mass_change": Param(
+            False, type="boolean", title="Allow mass change (skip the approval)", section=SAFETY_SECTION,
+            description=(
+                "WARNING: writes a plan that moves an unusually large share of customers (or many downgrades) "
+                "without asking anyone. Unset, such a run waits for a person under Required actions."
+            ),
         ),
         "limit": Param(
-            None, type=["null", "integer"], minimum=0, title="Limit",
-            description="Only the first N planned moves (empty: all).",
+            None, type=["null", "integer"], minimum=0, title="Limit", section=SAFETY_SECTION,
+            description="WARNING: only the first N planned moves are written; the rest wait for a later run (empty: all).",
         ),
-        "allow_mass_change": Param(
-            False, type="boolean", title="Allow mass change",
-            description="Override the circuit breaker that stops a run planning to move an unusually large share of customers.",
+        "force_resync": Param(
+            False, type="boolean", title="Force resync", section=SAFETY_SECTION,
+            description=(
+                "WARNING: re-asserts the group of every managed customer, not only those whose tier changed "
+                "(one membership write per customer, and any manual group change in the POS is undone)."
+            ),
         ),
     },
     render_template_as_native_obj=False,
@@ -219,18 +229,27 @@ def customer_tier_sync() -> None:
 
         return watch(get_current_context())
 
+    # Asks a person only when the circuit breaker stopped plan_sync (dry runs and allow_mass_change
+    # never ask); its return value is the batch refs to sync (include/tier_sync/approval.py).
+    approve_sync = SyncApprovalOperator(
+        task_id="approve_sync",
+        retries=0,  # a refusal or a timeout is the answer; a retry would ask again
+        execution_timeout=TIMEOUTS["approve_sync"],  # each execution phase; the wait is the response timeout
+    )
+
     extracted = extract_orders()
     computed = compute_tiers(extracted)
     validated = validate_tiers(computed)
     published = publish_run(computed, validated)
     committed = commit_csv(computed, published)
     refs = plan_sync(committed)
-    results = sync_batch.expand(ref=refs)
+    refs >> approve_sync
+    results = sync_batch.expand(ref=approve_sync.output)
     checked = verify_group_counts(results)
     logged = write_sync_log(checked)
     pruned = prune_runs(logged)
     outcome = run_outcome()
-    [extracted, computed, validated, published, committed, refs, results, checked, logged, pruned] >> outcome
+    [extracted, computed, validated, published, committed, refs, approve_sync, results, checked, logged, pruned] >> outcome
 
 
 customer_tier_sync()

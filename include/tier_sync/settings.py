@@ -15,6 +15,7 @@ import math
 import os
 import re
 from datetime import time, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from include.tier_sync.rules import TierRules, describe
@@ -34,6 +35,8 @@ VAR_RULES = "tier_sync_rules"
 VAR_CUSTOMER_LOOKUPS = "tier_sync_customer_lookups_per_hour"
 VAR_RETENTION_DAYS = "tier_sync_retention_days"
 VAR_GIT_WITHOUT_CONTACTS = "tier_sync_git_without_contacts"
+VAR_APPROVAL_TIMEOUT = "tier_sync_approval_timeout_hours"
+VAR_APPROVERS = "tier_sync_approvers"
 
 # Run folders (runs/<key>/) older than this many days are pruned by the prune_runs task. There is
 # no "off": a typo must never turn into "delete everything" or "keep PII forever" silently; keep
@@ -249,6 +252,66 @@ def check_flag(name: str, raw: str | None) -> bool:
     raise ValueError(f"Variable {name} must be true or false (unset: false), got {raw!r}")
 
 
+# -- the approval of a mass change (approve_sync) --------------------------------------------------
+
+APPROVAL_TIMEOUT_HOURS = 12.0
+_USER_ID = re.compile(r"[^\s,]{1,200}\Z")
+
+
+def approval_timeout() -> timedelta:
+    """The `tier_sync_approval_timeout_hours` Variable (see `check_approval_timeout`)."""
+    return check_approval_timeout(variable(VAR_APPROVAL_TIMEOUT))
+
+
+def check_approval_timeout(raw: str | None) -> timedelta:
+    """How long a mass change waits for a person: unset or blank is APPROVAL_TIMEOUT_HOURS; else a
+    number of hours > 0 (fractions allowed, e.g. 0.5), anything else ValueError naming the Variable."""
+    if raw is None or not raw.strip():
+        return timedelta(hours=APPROVAL_TIMEOUT_HOURS)
+    try:
+        hours = float(raw.strip())
+    except ValueError:
+        hours = math.nan
+    if not math.isfinite(hours) or hours <= 0:
+        raise ValueError(
+            f"Variable {VAR_APPROVAL_TIMEOUT} must be a number of hours > 0 (unset: "
+            f"{APPROVAL_TIMEOUT_HOURS:g}), got {raw.strip()[:40]!r}"
+        )
+    return timedelta(hours=hours)
+
+
+def approvers() -> list[str]:
+    """The `tier_sync_approvers` Variable (see `check_approvers`)."""
+    return check_approvers(variable(VAR_APPROVERS))
+
+
+def check_approvers(raw: str | None) -> list[str]:
+    """The Airflow user ids who may answer an approval request: comma-separated (or a JSON list);
+    unset or blank means no list (whoever the auth manager lets answer the DAG's required actions).
+    An empty entry or an id with whitespace is refused naming the Variable."""
+    if raw is None or not raw.strip():
+        return []
+    text = raw.strip()
+    items: list[Any]
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"Variable {VAR_APPROVERS}: not a valid JSON list: {exc}") from exc
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"Variable {VAR_APPROVERS} must be a list of user ids (strings)")
+    else:
+        items = text.split(",")
+    ids = [str(i).strip() for i in items]
+    bad = [i for i in ids if not _USER_ID.match(i)]
+    if bad or not ids:
+        raise ValueError(
+            f"Variable {VAR_APPROVERS} must list Airflow user ids separated by commas (no empty entry, "
+            f"no whitespace inside an id), got {len(bad)} bad entries"
+        )
+    return list(dict.fromkeys(ids))
+
+
 # -- time bounds ---------------------------------------------------------------------------------------
 
 # Each task's execution_timeout (minutes, per try) and the run's dagrun_timeout: a hung task fails
@@ -261,13 +324,16 @@ TASK_TIMEOUT_MINUTES: dict[str, int] = {
     "publish_run": 10,
     "commit_csv": 15,
     "plan_sync": 20,
+    "approve_sync": 20,  # per execution phase (ask; apply the answer); the wait itself is not counted
     "sync_batch": 30,
     "verify_group_counts": 15,
     "write_sync_log": 10,
     "prune_runs": 10,
     "run_outcome": 5,
 }
-DAGRUN_TIMEOUT_HOURS = 6.0
+# 6 h of work plus the default 12 h an approval may wait (approve_sync checks that its deadline
+# fits in the run's), plus slack.
+DAGRUN_TIMEOUT_HOURS = 20.0
 ENV_TASK_TIMEOUTS = "TIER_SYNC_TASK_TIMEOUT_MINUTES"  # "extract_orders=120,sync_batch=45"
 ENV_DAGRUN_TIMEOUT = "TIER_SYNC_DAGRUN_TIMEOUT_HOURS"  # "8" or "1.5"
 

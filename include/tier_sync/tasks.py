@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from include.tier_sync import fileio, settings
 from include.tier_sync.ledger import RunPaths
-from include.tier_sync.runtime import resolve_as_of, run_identity, to_utc
+from include.tier_sync.runtime import iso, resolve_as_of, run_identity, to_utc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,6 +165,31 @@ def _read_master(paths: RunPaths) -> Any:
 
 
 def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Plan the sync. A tripped circuit breaker on a writing run does not fail: plan.json records
+    the plan (not dispatched) and an approval request, and approve_sync asks a person."""
+    from include.tier_sync.sync.plan import MassChangeError
+
+    params = _params(context)
+    try:
+        return _prepare(context, allow_mass_change=bool(params.get("allow_mass_change")))
+    except MassChangeError as exc:
+        _request_approval(run_paths(context), exc)
+        log.warning("%s The run now waits for a person: see the approve_sync task (Required actions).", exc)
+        return []
+
+
+def _prepare(
+    context: Mapping[str, Any],
+    *,
+    allow_mass_change: bool,
+    only_upgrades: bool = False,
+    expect_cursor: int | None = None,
+) -> list[dict[str, Any]]:
+    """prepare_sync with this run's inputs; raises MassChangeError when the breaker stops it.
+
+    ``expect_cursor``: the customers cursor the approved plan was made at; a different one (the
+    order store changed since) fails before anything is planned or written.
+    """
     from include.tier_sync.store import OrderStore
     from include.tier_sync.sync.plan import MassChangeError
     from include.tier_sync.sync.prepare import decide_writes, prepare_sync
@@ -179,27 +204,147 @@ def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     if reason:
         log.info("Writes to Lightspeed are skipped for this run: %s", reason)
     store = OrderStore(paths.store)
+    cursor = store.cursor("customers")
+    if expect_cursor is not None and int(cursor) != int(expect_cursor):
+        _fail(
+            f"The order store changed since the approved plan was made (customers cursor {expect_cursor} -> "
+            f"{cursor}); nothing was written. Trigger the run again to plan and ask anew."
+        )
     limit = params.get("limit")
+    master = _read_master(paths)
     try:
         with _client() as client:
             refs = prepare_sync(
                 client,
-                _read_master(paths),
+                master,
                 store.read("customers"),
                 settings.load_tier_rules(),
                 paths,
-                customers_cursor=store.cursor("customers"),
+                customers_cursor=cursor,
                 writes_allowed=writes_allowed,
                 skipped_reason=reason,
                 dry_run=dry_run,
                 force_resync=bool(params.get("force_resync")),
                 limit=int(limit) if limit is not None else None,
-                allow_mass_change=bool(params.get("allow_mass_change")),
+                allow_mass_change=allow_mass_change,
+                only_upgrades=only_upgrades,
             )
             return [dict(ref) for ref in refs]  # BatchRef (include/tier_sync/sync/contracts.py)
     except MassChangeError as exc:
-        _fail(f"Circuit breaker: {exc} Nothing was written. Re-trigger with allow_mass_change=true if intended.", exc)
+        exc.lifetime_values = dict(zip(master["Customer ID"].astype(str), master["Lifetime Value"], strict=True))  # type: ignore[attr-defined]
+        raise
     raise AssertionError("unreachable")
+
+
+def _request_approval(paths: RunPaths, exc: Any) -> None:
+    """Add the approval request (a sample of the changes, ids and values only) to plan.json."""
+    from include.tier_sync.approval import pick_sample, request_record
+    from include.tier_sync.sync.batches import read_plan_doc, write_plan_doc
+
+    doc = read_plan_doc(paths)
+    if doc is None:
+        _fail(f"Circuit breaker: {exc} plan.json is missing, so no approval can be asked; nothing was written.")
+        raise AssertionError("unreachable")
+    sample = pick_sample(exc.changes, getattr(exc, "lifetime_values", {}))
+    write_plan_doc(paths, {**doc, "approval": request_record(sample, datetime.now(UTC))})
+
+
+APPROVAL_RESERVE_MINUTES = 60  # what the sync after an answer may need inside the run's timeout
+
+
+def _run_deadline(context: Mapping[str, Any]) -> datetime | None:
+    dag_run, dag = context.get("dag_run"), context.get("dag")
+    start, timeout = getattr(dag_run, "start_date", None), getattr(dag, "dagrun_timeout", None)
+    return to_utc(start) + timeout if start is not None and timeout is not None else None
+
+
+def approval_request(context: Mapping[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    """approve_sync, first part: {"refs": [...]} when nothing needs asking (plan_sync's refs pass
+    on); else the request (subject, body, approvers, timeout), recorded in plan.json and sent on the
+    alert channels, for the operator to ask."""
+    from datetime import timedelta
+
+    from include.tier_sync.alerts import base_url, run_url, send_alert
+    from include.tier_sync.approval import TASK_ID, check_deadline, needs_approval, request_text
+    from include.tier_sync.sync.batches import plan_path, read_plan_doc, write_plan_doc
+
+    paths = run_paths(context)
+    doc = read_plan_doc(paths)
+    if doc is None or not needs_approval(doc):
+        ti = context.get("ti")
+        refs = ti.xcom_pull(task_ids="plan_sync") if ti is not None else None
+        log.info("No approval needed (the circuit breaker did not stop this run, or it may not write).")
+        return {"refs": [dict(r) for r in refs or []]}
+    timeout = _setting(settings.approval_timeout)
+    approvers = _setting(settings.approvers)
+    now = now or datetime.now(UTC)
+    deadline = now + timeout
+    try:
+        check_deadline(deadline, _run_deadline(context), timedelta(minutes=APPROVAL_RESERVE_MINUTES))
+    except ValueError as exc:
+        _fail(str(exc), exc)
+    ids = run_identity(context)
+    link = run_url(ids.get("dag_id"), ids.get("run_id"), TASK_ID)
+    subject, body = request_text(
+        doc,
+        deadline=deadline,
+        plan_location=plan_path(paths),
+        run_link=run_url(ids.get("dag_id"), ids.get("run_id")),
+        data_docs_link=f"{base_url()}/loyalty-tiers/data-docs/",
+        approvers=approvers,
+    )
+    approval = {**dict(doc.get("approval") or {}), "deadline": iso(deadline), "approvers": approvers}
+    write_plan_doc(paths, {**doc, "approval": approval})
+    answer_at = f"{link}/required_actions" if link else "the run's Required actions"
+    send_alert(f"Approval needed: {subject}", f"{body}\n\nAnswer here: {answer_at}", context)
+    log.info("Asking for approval until %s (approvers: %s): %s", iso(deadline), approvers or "any", subject)
+    return {"refs": None, "subject": subject, "body": body, "approvers": approvers, "timeout": timeout}
+
+
+def approval_answered(
+    context: Mapping[str, Any], event: Mapping[str, Any], now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """approve_sync, second part: record the decision in plan.json; an approval plans the writes
+    (the same plan, or its upgrades only) and returns the refs to sync; anything else fails."""
+    from include.tier_sync.approval import decision_record, direction, only_upgrades, refusal_message
+    from include.tier_sync.sync.batches import read_plan_doc, write_plan_doc
+
+    paths = run_paths(context)
+    doc = read_plan_doc(paths)
+    if doc is None:
+        _fail("plan.json disappeared while the approval was asked; nothing was written.")
+        raise AssertionError("unreachable")
+    try:
+        decision = decision_record(event, requested=doc.get("approval"), decided_at=now or datetime.now(UTC))
+    except ValueError as exc:
+        _fail(str(exc), exc)
+        raise AssertionError("unreachable") from exc
+    log.info(
+        "Approval decision: %s",
+        {k: v for k, v in decision.items() if k != "sample"},
+    )
+    message = refusal_message(decision)
+    if message is not None:
+        write_plan_doc(paths, {**doc, "approval": decision, "skipped_reason": f"approval {decision['status']}"})
+        _fail(message)
+    upgrades = only_upgrades(decision)
+    shown = dict((doc.get("summary") or {}).get("moves") or {})
+    expected = {k: v for k, v in shown.items() if direction(k) in ("upgrade", "new tier")} if upgrades else shown
+    refs = _prepare(
+        context, allow_mass_change=True, only_upgrades=upgrades, expect_cursor=int(doc.get("customers_cursor", -1))
+    )
+    new = read_plan_doc(paths) or doc
+    planned = dict((new.get("summary") or {}).get("moves") or {})
+    if planned != expected:
+        write_plan_doc(paths, {**new, "approval": decision, "dispatched": False, "writes_allowed": False,
+                               "skipped_reason": "approval: the plan changed since it was shown"})
+        _fail(
+            f"The plan changed since it was approved (shown {expected}, now {planned}); no customer was "
+            "moved. Trigger the run again to plan and ask anew."
+        )
+    write_plan_doc(paths, {**new, "approval": decision})
+    log.info("Approved (%s): %s batches to sync", decision["option"], len(refs))
+    return refs
 
 
 def sync_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, Any]:

@@ -77,10 +77,12 @@ def test_tags_owner_retries_doc(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert dag.doc_md and "Customer tier sync" in dag.doc_md
     for t in dag.tasks:
         assert t.owner == "loyalty-data"
-        if t.task_id not in {"validate_tiers", "run_outcome"}:
+        if t.task_id not in {"validate_tiers", "run_outcome", "approve_sync"}:
             assert t.retries >= 2, t.task_id
     # A data-quality failure must not be retried: it would only re-fail and delay the alert.
     assert dag.get_task("validate_tiers").retries == 0
+    # A refused or unanswered approval is the answer: a retry would ask again.
+    assert dag.get_task("approve_sync").retries == 0
 
 
 def test_every_task_and_the_run_are_time_bounded(dagbag) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +91,7 @@ def test_every_task_and_the_run_are_time_bounded(dagbag) -> None:  # type: ignor
     from include.tier_sync import settings
 
     dag = dagbag.dags[DAG_ID]
-    assert dag.dagrun_timeout == timedelta(hours=6)
+    assert dag.dagrun_timeout == timedelta(hours=20)  # 6 h of work + the 12 h an approval may wait
     assert {t.task_id for t in dag.tasks} == set(settings.TASK_TIMEOUT_MINUTES)
     for t in dag.tasks:
         assert t.execution_timeout == timedelta(minutes=settings.TASK_TIMEOUT_MINUTES[t.task_id]), t.task_id
@@ -154,7 +156,8 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
             ("compute_tiers", "publish_run"),
             ("publish_run", "commit_csv"),
             ("commit_csv", "plan_sync"),
-            ("plan_sync", "sync_batch"),
+            ("plan_sync", "approve_sync"),
+            ("approve_sync", "sync_batch"),
             ("sync_batch", "verify_group_counts"),
             ("verify_group_counts", "write_sync_log"),
             ("write_sync_log", "prune_runs"),
@@ -162,7 +165,7 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
         + [
             (t, "run_outcome")
             for t in ("extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync",
-                      "sync_batch", "verify_group_counts", "write_sync_log", "prune_runs")
+                      "approve_sync", "sync_batch", "verify_group_counts", "write_sync_log", "prune_runs")
         ]
     )
     # A failed task must fail the run even though the all_done log task after it succeeds; the
@@ -184,6 +187,13 @@ def test_trigger_form_params(dagbag) -> None:  # type: ignore[no-untyped-def]
         assert params.get_param(name).description, name
     assert params["dry_run"] is False
     assert params["limit"] is None
+    # The safety overrides sit in a section of their own, each with a warning; the rest do not.
+    for name in ("allow_mass_change", "limit", "force_resync"):
+        param = params.get_param(name)
+        assert param.schema.get("section") == "Safety overrides", name
+        assert param.description.startswith("WARNING:"), name
+    for name in ("dry_run", "full_refresh"):
+        assert "section" not in params.get_param(name).schema, name
 
 
 def test_parse_imports_no_heavy_modules() -> None:

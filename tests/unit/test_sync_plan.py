@@ -17,6 +17,7 @@ import pytest
 from include.tier_sync import sync
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.rules import TIERS, TierRules
+from include.tier_sync.sync.batches import write_plan_doc
 from include.tier_sync.sync.groups import GroupListingError
 
 pytestmark = pytest.mark.unit
@@ -411,3 +412,97 @@ def test_log_without_a_plan_says_why(tmp_path: Path) -> None:
     doc = sync.finish_sync(paths, IDENTITY, no_plan_reason="validation failed")
     assert doc["synced"] is False and doc["skipped_reason"] == "validation failed"
     assert json.loads(Path(paths.run_sync_log).read_text()) == doc
+
+
+# -- what an approval changes in the plan and the log ------------------------------------------
+
+
+def test_breaker_error_carries_the_changes_for_the_approval_request() -> None:
+    rows = [("m1", "Evergreen", DEFAULT, False), ("m2", "Seed", G["Bloom"], False), ("k1", "Seed", G["Seed"], False)]
+    master, current = frames(rows)
+    plan = sync.plan_moves(master, current, groups(), TierRules())
+    with pytest.raises(sync.MassChangeError) as err:
+        sync.check_circuit(plan, TierRules(), allow_mass_change=False)
+    assert sorted(m.customer_id for m in err.value.changes) == ["m1", "m2"]
+
+
+def test_upgrades_only_leaves_downgrades_and_reasserts_out_and_says_so() -> None:
+    rows = [
+        ("up1", "Evergreen", G["Bloom"], False),  # upgrade
+        ("new1", "Seed", DEFAULT, False),  # into a tier from the default group: kept
+        ("new2", "Sprout", None, False),  # no group at all: kept
+        ("dn1", "Seed", G["Evergreen"], False),  # downgrade: left out
+        ("dn2", "Sprout", G["Bloom"], False),  # downgrade: left out
+        ("same", "Bloom", G["Bloom"], False),  # re-asserted under force_resync: left out
+    ]
+    master, current = frames(rows)
+    full = sync.plan_moves(master, current, groups(), TierRules(), force_resync=True)
+    assert len(full.moves) == 6 and full.downgrades == 2
+    only = full.upgrades_only()
+    assert sorted(m.customer_id for m in only.moves) == ["new1", "new2", "up1"]
+    assert all(m.is_upgrade for m in only.moves) and only.downgrades == 0
+    summary = only.summary()
+    assert summary["planned_moves"] == 3 and summary["downgrades"] == 0
+    assert summary["left_out_by_approval"] == {
+        "reason": "approved: upgrades only",
+        "downgrades": 2,
+        "reasserts": 1,
+        "moves": {"Bloom->Bloom": 1, "Bloom->Sprout": 1, "Evergreen->Seed": 1},
+    }
+    # A left-out downgrade is expected to stay in the group it is in (the group check compares
+    # with what this plan writes), the rest as in the complete sync.
+    assert "dn1" in only.expected_members["Evergreen"] and "dn1" not in only.expected_members["Seed"]
+    assert "dn2" in only.expected_members["Bloom"] and "dn2" not in only.expected_members["Sprout"]
+    assert "up1" in only.expected_members["Evergreen"] and "same" in only.expected_members["Bloom"]
+    assert "left_out_by_approval" not in full.summary()  # the complete plan leaves nothing out
+
+
+def test_log_carries_the_approval_decision_and_what_was_left_out(tmp_path: Path) -> None:
+    paths = RunPaths(str(tmp_path), AS_OF)
+    decision = {
+        "status": "approved_upgrades_only",
+        "option": "Apply upgrades only",
+        "responded_by": {"id": "admin", "name": "admin"},
+        "responded_at": "2026-11-25T03:00:00Z",
+        "comment": "downgrades after the audit",
+    }
+    left_out = {"reason": "approved: upgrades only", "downgrades": 2, "reasserts": 0, "moves": {"Bloom->Seed": 2}}
+    write_plan_doc(
+        paths,
+        {
+            "format": "tier-sync-plan/1",
+            "plan_id": "p1",
+            "as_of": "2026-11-25T02:00:00Z",
+            "customers_cursor": 1,
+            "refs": [],
+            "summary": {"planned_moves": 0, "left_out_by_approval": left_out},
+            "groups": None,
+            "dispatched": True,
+            "writes_allowed": True,
+            "approval": decision,
+        },
+    )
+    doc = sync.finish_sync(paths, IDENTITY)
+    assert doc["approval"] == decision and doc["left_out_by_approval"] == left_out
+    assert json.loads(Path(paths.run_sync_log).read_text())["approval"]["comment"] == "downgrades after the audit"
+
+    refused = {"status": "aborted", "option": "Abort", "responded_by": {"id": "ops", "name": "ops"}}
+    write_plan_doc(
+        paths,
+        {
+            "format": "tier-sync-plan/1",
+            "plan_id": "p2",
+            "as_of": "2026-11-25T02:00:00Z",
+            "customers_cursor": 1,
+            "refs": [],
+            "summary": {"planned_moves": 5},
+            "groups": None,
+            "dispatched": False,
+            "writes_allowed": False,
+            "skipped_reason": "approval aborted",
+            "approval": refused,
+        },
+    )
+    doc = sync.finish_sync(paths, IDENTITY)
+    assert doc["synced"] is False and doc["updated"] == 0 and doc["skipped_reason"] == "approval aborted"
+    assert doc["approval"] == refused and doc["skip_reasons"] == {"not_written": 5}

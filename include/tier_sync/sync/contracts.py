@@ -177,6 +177,7 @@ class PlanSummary(TypedDict, total=False):
     moves: dict[str, int]
     circuit_breaker: CircuitStatus
     groups_created: list[str]
+    left_out_by_approval: dict[str, Any]  # Plan.upgrades_only: what an approval left out
 
 
 class PlanDoc(TypedDict):
@@ -197,6 +198,7 @@ class PlanDoc(TypedDict):
     writes_allowed: NotRequired[bool]
     skipped_reason: NotRequired[str | None]
     api: NotRequired[ApiCounts]
+    approval: NotRequired[dict[str, Any]]  # include/tier_sync/approval.py: request and decision
 
 
 def plan_doc_from_json(raw: Any, where: str) -> PlanDoc | None:
@@ -428,5 +430,7 @@ class SyncLog(TypedDict):
     error_details: list[ErrorDetail]
     api: ApiCounts
     circuit_breaker: NotRequired[CircuitStatus]
+    approval: NotRequired[dict[str, Any]]
+    left_out_by_approval: NotRequired[dict[str, Any]]
     group_counts_match: NotRequired[bool | None]
     group_counts: NotRequired[dict[str, TierGroupCount] | None]

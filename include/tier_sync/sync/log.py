@@ -164,8 +164,12 @@ def build_sync_log(
     synced: bool,
     skipped_reason: str | None,
     started_at: datetime | str | None,
+    approval: Mapping[str, Any] | None = None,
 ) -> SyncLog:
     """The sync log: run identity, plan counts, aggregated batch outcomes, API use, group check.
+
+    ``approval`` is plan.json's approval record (the request, and the decision: who, when, which
+    option, the comment), copied as is; ``left_out_by_approval`` comes from the plan summary.
 
     ``synced`` is forced to False when no batch wrote (dry run, superseded run, breaker). Only
     customer ids appear, never names, emails or tokens. ``api`` adds the plan step's
@@ -218,6 +222,10 @@ def build_sync_log(
     }
     if "circuit_breaker" in summary:
         log_doc["circuit_breaker"] = summary["circuit_breaker"]
+    if "left_out_by_approval" in summary:
+        log_doc["left_out_by_approval"] = dict(summary["left_out_by_approval"])
+    if approval is not None:
+        log_doc["approval"] = dict(approval)
     if group_check is not None:
         log_doc["group_counts_match"] = group_check.get("group_counts_match")
         log_doc["group_counts"] = group_check.get("group_counts")
@@ -275,6 +283,7 @@ class _FromPlan:
     started: str | None
     api: Mapping[str, Any] | None
     dry_run: bool
+    approval: Mapping[str, Any] | None = None
 
     @classmethod
     def of(cls, doc: PlanDoc | None, *, no_plan_reason: str | None, dry_run: bool) -> _FromPlan:
@@ -288,6 +297,7 @@ class _FromPlan:
             started=doc.get("started_at"),
             api=doc.get("api"),
             dry_run=dry_run or bool(doc.get("dry_run")),
+            approval=doc.get("approval"),
         )
 
 
@@ -318,6 +328,7 @@ def finish_sync(
         synced=plan.synced,
         skipped_reason=plan.reason,
         started_at=plan.started,
+        approval=plan.approval,
     )
     write_sync_log(log_doc, paths)
     log.info(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +37,16 @@ MASTER_TIER = "Tier"
 
 
 class MassChangeError(RuntimeError):
-    """The circuit breaker tripped: the plan would change too many customers at once."""
+    """The circuit breaker tripped: the plan would change too many customers at once.
 
-    def __init__(self, message: str, details: Mapping[str, Any]) -> None:
+    ``changes`` are the plan's real changes, so whoever asks a person about them (the approval
+    request) can show a sample without planning again.
+    """
+
+    def __init__(self, message: str, details: Mapping[str, Any], changes: Sequence[Move] = ()) -> None:
         super().__init__(message)
         self.details = dict(details)
+        self.changes = list(changes)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,11 @@ class Move:
         if not self.is_change or self.from_label not in TIERS:
             return False
         return TIERS.index(self.tier) > TIERS.index(self.from_label)
+
+    @property
+    def is_upgrade(self) -> bool:
+        """A real change that is not a downgrade (into a tier from the default group included)."""
+        return self.is_change and not self.is_downgrade
 
     @property
     def key(self) -> str:
@@ -93,6 +103,8 @@ class Plan:
     # Tier -> ids that should be in that tier's group after a complete sync (managed customers
     # only, whether moved or already there); used by the group-count check.
     expected_members: dict[str, list[str]] = field(default_factory=dict)
+    # What an "upgrades only" approval left out of this plan (None: nothing was left out).
+    left_out: dict[str, Any] | None = None
 
     @property
     def changes(self) -> list[Move]:
@@ -124,7 +136,36 @@ class Plan:
             "limit": self.limit,
             "tier_breakdown": dict(self.tier_breakdown),
             "moves": self.move_counts(),
+            **({"left_out_by_approval": dict(self.left_out)} if self.left_out is not None else {}),
         }
+
+    def upgrades_only(self) -> Plan:
+        """The same plan keeping only its upgrades (what an "apply upgrades only" approval writes).
+
+        Downgrades and re-asserts are left out and counted in ``left_out`` (by transition), so the
+        plan and the sync log say exactly what was not written. A customer whose downgrade is left
+        out is expected to stay in the tier group they are in (so the group-count check compares
+        with what this plan writes, not with the complete sync).
+        """
+        kept = [m for m in self.moves if m.is_upgrade]
+        dropped = [m for m in self.moves if not m.is_upgrade]
+        expected = {tier: set(ids) for tier, ids in self.expected_members.items()}
+        for m in dropped:
+            if m.is_downgrade:
+                expected.setdefault(m.tier, set()).discard(m.customer_id)
+                expected.setdefault(m.from_label, set()).add(m.customer_id)
+        left_out = {
+            "reason": "approved: upgrades only",
+            "downgrades": sum(1 for m in dropped if m.is_downgrade),
+            "reasserts": sum(1 for m in dropped if not m.is_change),
+            "moves": dict(sorted(Counter(m.key for m in dropped).items())),
+        }
+        return replace(
+            self,
+            moves=kept,
+            left_out=left_out,
+            expected_members={tier: sorted(ids) for tier, ids in expected.items()},
+        )
 
     def retargeted(self, groups: GroupMap) -> Plan:
         """The same plan aimed at ``groups``' tier groups (placeholders replaced by created groups).
@@ -324,4 +365,5 @@ def check_circuit(plan: Plan, rules: TierRules, allow_mass_change: bool) -> None
     raise MassChangeError(
         message + ". Nothing was written. Re-run with allow_mass_change=true if this is intended.",
         status,
+        plan.changes,
     )

@@ -68,6 +68,7 @@ def prepare_sync(
     force_resync: bool = False,
     limit: int | None = None,
     allow_mass_change: bool = False,
+    only_upgrades: bool = False,
     max_batches: int = MAX_BATCHES,
     calls_per_batch: int = CALLS_PER_BATCH,
 ) -> list[BatchRef]:
@@ -88,6 +89,8 @@ def prepare_sync(
     # written before the circuit breaker has had its say.
     groups = resolve_groups(client, rules, create_missing=False)
     plan = plan_moves(master, current, groups, rules, force_resync=force_resync, limit=limit)
+    if only_upgrades:
+        plan = plan.upgrades_only()
     status = circuit_status(plan, rules)
     status["allowed_by_param"] = bool(allow_mass_change and status["tripped"])
     blocked = writes_allowed and status["tripped"] and not allow_mass_change
