@@ -61,11 +61,18 @@ class ApprovalRefused(RuntimeError):
 
 
 def needs_approval(doc: Mapping[str, Any] | None) -> bool:
-    """True when plan.json is a writing run stopped by the breaker that awaits a decision."""
-    if not doc or doc.get("dispatched", True) or doc.get("skipped_reason") != "circuit_breaker":
+    """True when plan.json is a writing run stopped by the breaker that was not dispatched: a new
+    request, or one refused or timed out before (approve_sync was cleared: it asks again)."""
+    if not doc or doc.get("dispatched", True) or not isinstance(doc.get("approval"), Mapping):
         return False
-    approval = doc.get("approval")
-    return isinstance(approval, Mapping) and approval.get("status") == REQUESTED
+    reason = str(doc.get("skipped_reason") or "")
+    return reason == "circuit_breaker" or reason.startswith("approval")
+
+
+def asking(approval: Mapping[str, Any] | None, *, deadline: datetime, approvers: Sequence[str]) -> dict[str, Any]:
+    """plan.json's ``approval`` while a person is asked (an earlier answer, if any, is dropped)."""
+    kept = {k: v for k, v in (approval or {}).items() if k in ("requested_at", "sample")}
+    return {**kept, "status": REQUESTED, "deadline": iso(to_utc(deadline)), "approvers": list(approvers)}
 
 
 def direction(key: str) -> str:
@@ -248,8 +255,8 @@ class SyncApprovalOperator(HITLOperator):  # type: ignore[misc]
         # The DAG's params arrive merged in (source "dag"; HITLOperator keeps only the task's own).
         params = ParamsDict(dict(kwargs.pop("params", None) or {}))
         params[COMMENT] = Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],  # optional: a required field would block the UI's buttons
             title="Reason / comment",
             description="Why you apply or abort; written into the sync log with your decision.",
             source="task",

@@ -265,7 +265,7 @@ def approval_request(context: Mapping[str, Any], now: datetime | None = None) ->
     from datetime import timedelta
 
     from include.tier_sync.alerts import base_url, run_url, send_alert
-    from include.tier_sync.approval import TASK_ID, check_deadline, needs_approval, request_text
+    from include.tier_sync.approval import TASK_ID, asking, check_deadline, needs_approval, request_text
     from include.tier_sync.sync.batches import plan_path, read_plan_doc, write_plan_doc
 
     paths = run_paths(context)
@@ -293,8 +293,10 @@ def approval_request(context: Mapping[str, Any], now: datetime | None = None) ->
         data_docs_link=f"{base_url()}/loyalty-tiers/data-docs/",
         approvers=approvers,
     )
-    approval = {**dict(doc.get("approval") or {}), "deadline": iso(deadline), "approvers": approvers}
-    write_plan_doc(paths, {**doc, "approval": approval})
+    write_plan_doc(
+        paths,
+        {**doc, "skipped_reason": "circuit_breaker", "approval": asking(doc.get("approval"), deadline=deadline, approvers=approvers)},
+    )
     answer_at = f"{link}/required_actions" if link else "the run's Required actions"
     send_alert(f"Approval needed: {subject}", f"{body}\n\nAnswer here: {answer_at}", context)
     log.info("Asking for approval until %s (approvers: %s): %s", iso(deadline), approvers or "any", subject)

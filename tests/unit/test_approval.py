@@ -24,6 +24,7 @@ pytestmark = pytest.mark.unit
 
 AS_OF = datetime(2026, 11, 25, 2, tzinfo=UTC)
 ASKED = datetime(2026, 11, 25, 2, 40, tzinfo=UTC)
+SAMPLE_ROW = {"customer_id": "c", "from": "Bloom", "to": "Seed", "direction": "downgrade", "lifetime_value": "1.00"}
 
 
 def move(cid: str, source: str, target: str, source_gid: str | None = None) -> Move:
@@ -91,7 +92,9 @@ def test_only_a_blocked_writing_plan_awaiting_a_decision_asks() -> None:
     assert not approval.needs_approval(None)
     assert not approval.needs_approval({**blocked_plan(), "dispatched": True})
     assert not approval.needs_approval({**blocked_plan(), "skipped_reason": "dry_run"})
-    assert not approval.needs_approval({**blocked_plan(), "approval": {"status": "aborted"}})
+    # Refused before, and approve_sync cleared: it asks again.
+    assert approval.needs_approval({**blocked_plan(), "skipped_reason": "approval aborted",
+                                    "approval": {"status": "aborted"}})
     legacy = blocked_plan()
     del legacy["approval"]  # a plan of an older version stopped by the breaker: nothing to answer
     assert not approval.needs_approval(legacy)
@@ -259,6 +262,14 @@ def test_request_is_recorded_and_sent(data_dir: RunPaths, monkeypatch: pytest.Mo
     assert recorded["status"] == "requested" and recorded["approvers"] == ["ops-lead", "admin"]
     assert recorded["deadline"] == "2026-11-25T04:41:00Z" and recorded["requested_at"] == "2026-11-25T02:31:00Z"
     assert len(sent) == 1 and sent[0][0].startswith("Approval needed: Approve the tier sync")
+    # Cleared after an abort: asked again, the old answer dropped from the open request.
+    write_plan_doc(data_dir, {**blocked_plan(), "skipped_reason": "approval aborted",
+                              "approval": {"status": "aborted", "option": "Abort", "sample": [SAMPLE_ROW]}})
+    assert approval_request(context(), now=ASKED)["refs"] is None
+    reasked = read_plan_doc(data_dir) or {}
+    assert reasked["skipped_reason"] == "circuit_breaker"
+    assert reasked["approval"] == {"status": "requested", "sample": [SAMPLE_ROW],
+                                   "deadline": "2026-11-25T04:40:00Z", "approvers": ["ops-lead", "admin"]}
     assert "/tasks/approve_sync/required_actions" in sent[0][1]
 
 
