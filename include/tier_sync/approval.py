@@ -166,12 +166,12 @@ def request_text(
         f"No answer by **{iso(to_utc(deadline))}** writes nothing (like Abort) and alerts.",
         f"Who may answer: {', '.join(approvers) if approvers else 'anyone allowed to act on this DAG'}.",
         "",
-        f"Plan: `{plan_location}`",
+        f"- Plan: `{plan_location}`",
     ]
     if data_docs_link:
-        lines.append(f"Data Docs: {data_docs_link}")
+        lines.append(f"- Data Docs: {data_docs_link}")
     if run_link:
-        lines.append(f"Run: {run_link}")
+        lines.append(f"- Run: {run_link}")
     return subject, "\n".join(lines)
 
 
@@ -243,6 +243,17 @@ def refusal_message(decision: Mapping[str, Any]) -> str | None:
 # -- the operator ------------------------------------------------------------------------------
 
 
+def comment_param() -> Param:
+    """The request form's one field: optional (a required field would block the option buttons)."""
+    return Param(
+        None,
+        type=["null", "string"],
+        title="Reason / comment",
+        description="Why you apply or abort; written into the sync log with your decision.",
+        source="task",
+    )
+
+
 class SyncApprovalOperator(HITLOperator):  # type: ignore[misc]
     """approve_sync: asks only when plan.json awaits a decision; otherwise passes plan_sync's refs on.
 
@@ -254,13 +265,7 @@ class SyncApprovalOperator(HITLOperator):  # type: ignore[misc]
     def __init__(self, **kwargs: Any) -> None:
         # The DAG's params arrive merged in (source "dag"; HITLOperator keeps only the task's own).
         params = ParamsDict(dict(kwargs.pop("params", None) or {}))
-        params[COMMENT] = Param(
-            None,
-            type=["null", "string"],  # optional: a required field would block the UI's buttons
-            title="Reason / comment",
-            description="Why you apply or abort; written into the sync log with your decision.",
-            source="task",
-        )
+        params[COMMENT] = comment_param()
         super().__init__(
             subject="Approve the tier sync",
             options=list(OPTIONS),
@@ -281,6 +286,9 @@ class SyncApprovalOperator(HITLOperator):  # type: ignore[misc]
         self.body = request["body"]
         self.assigned_users = [{"id": u, "name": u} for u in request["approvers"]] or None
         self.response_timeout = request["timeout"]
+        # The form asks for the comment only: in a worker the task's params hold the DAG's trigger
+        # params again, which the form would show as required fields (blocking every option).
+        self.params = ParamsDict({COMMENT: comment_param()})
         return super().execute(context)  # records the request, then parks the task (awaiting input)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:

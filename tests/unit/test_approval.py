@@ -326,6 +326,8 @@ def test_approval_of_a_plan_whose_store_moved_on_fails_before_planning(data_dir:
 
 def test_operator_passes_refs_on_or_parks_with_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow.providers.standard.operators import hitl
+    from airflow.sdk import Param
+    from airflow.sdk.definitions.param import ParamsDict
     from airflow.sdk.exceptions import TaskAwaitingInput
 
     from include.tier_sync import tasks
@@ -342,8 +344,12 @@ def test_operator_passes_refs_on_or_parks_with_the_request(monkeypatch: pytest.M
     monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **kw: upserted.append(kw))
     request = {"refs": None, "subject": "S", "body": "B", "approvers": ["ops-lead"], "timeout": timedelta(hours=2)}
     monkeypatch.setattr(tasks, "approval_request", lambda c: request)
+    # In a worker the task's params hold the DAG's trigger params again: the form must not show them.
+    op.params = ParamsDict({"dry_run": Param(False, type="boolean", source="dag"), **dict(op.params.items())})
     with pytest.raises(TaskAwaitingInput) as parked:
         op.execute(ctx)
+    assert list(upserted[0]["params"]) == ["comment"]
+    assert upserted[0]["params"]["comment"]["schema"]["type"] == ["null", "string"]  # optional
     assert parked.value.timeout == timedelta(hours=2) and parked.value.method_name == "execute_complete"
     assert upserted[0]["subject"] == "S" and upserted[0]["body"] == "B"
     assert upserted[0]["assigned_users"] == [{"id": "ops-lead", "name": "ops-lead"}]
