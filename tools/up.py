@@ -10,23 +10,22 @@
 
 after loading `airflow_settings.yaml` (pool, Variables; connections unless their password is a
 placeholder) and pointing the `lightspeed_default` connection at the simulator, with the extras of
-`airflow_settings.yaml`. It then triggers the onboarding run (see below), unpauses the DAG, prints
-the UI address and the login, and returns.
+`airflow_settings.yaml`. It then unpauses the DAG, prints the UI address and the login, and returns.
 
-The onboarding run: on a fresh install the first sync moves most customers at once, which is what
-the DAG's circuit breaker exists to stop. Instead of letting the first scheduled run fail on it,
-`make up` triggers that same scheduled slot (same logical date and data interval) once, with
-`{"allow_mass_change": true}`, *before* unpausing; the scheduler then sees the slot taken and goes
-on with the next day. `--no-onboarding` skips it (the first scheduled run then stops at the breaker
-and the printed trigger command is how to onboard). `--no-simulator` (a real store) starts no
-simulator, keeps whatever `lightspeed_default` connection the DB has, and leaves the DAG paused.
+The store's first sync: on a fresh install the scheduler starts the first scheduled run as soon as
+the DAG is unpaused, and that sync moves most customers at once, which the circuit breaker stops
+on purpose. The run does not fail: it waits in the `approve_sync` task for a person, under
+"Required actions" in the UI (apply all, apply upgrades only, or abort). `make up` waits until
+that run exists and prints the link to answer it; there is no special onboarding path.
+`--no-simulator` (a real store) starts no simulator, keeps whatever `lightspeed_default`
+connection the DB has, and leaves the DAG paused.
 
 `make down` (`--down`) stops exactly the process groups recorded in `<state>/pids.json` (and any
 process they spawned, e.g. task runners in their own groups), nothing else. `make up` twice does
 not start a second copy.
 
     python -m tools.up [--port 8080] [--host 127.0.0.1] [--state-dir .demo/up] [--no-simulator]
-                       [--no-onboarding] [--settings airflow_settings.yaml]
+                       [--settings airflow_settings.yaml]
     python -m tools.up --down [--state-dir .demo/up]
     python -m tools.up --status [--state-dir .demo/up]
 """
@@ -49,6 +48,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 import requests
@@ -64,7 +64,7 @@ SIM_TOKEN = "demo-store-token"  # the simulator's token for the demo store; not 
 ADMIN_USER = "admin"
 VIEWER_USER = "viewer"  # Airflow's Viewer role: the page's counts, never one customer (README: Privacy)
 PIDS_FILE = "pids.json"
-ONBOARDING_CONF: dict[str, Any] = {"allow_mass_change": True}
+APPROVAL_TASK = "approve_sync"
 
 
 class UpError(RuntimeError):
@@ -252,7 +252,7 @@ def base_env(paths: Paths) -> dict[str, str]:
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
         AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),  # the "Loyalty tiers" UI page
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",  # `make up` unpauses after onboarding
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",  # `make up` unpauses once settings are loaded
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{ADMIN_USER}:admin,{VIEWER_USER}:viewer",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # standalone runs `airflow`
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
@@ -348,25 +348,23 @@ def dag_ready(api: Api) -> dict[str, Any] | None:
     return None
 
 
-def trigger_onboarding(api: Api, dag: dict[str, Any]) -> str | None:
-    """Take the first scheduled slot with an onboarding run (allow_mass_change); None if not needed."""
+def has_runs(api: Api) -> bool:
     runs = api.get(f"/dags/{DAG_ID}/dagRuns", limit=1)
     runs.raise_for_status()
-    if runs.json().get("total_entries", 0):
-        return None  # not a fresh install: the next scheduled run is an ordinary incremental one
-    logical = dag.get("next_dagrun_logical_date")
-    body: dict[str, Any] = {"logical_date": logical, "conf": ONBOARDING_CONF,
-                            "note": "make up: onboarding sync (first run moves most customers at once)"}
-    if logical and dag.get("next_dagrun_data_interval_start") and dag.get("next_dagrun_data_interval_end"):
-        body.update(
-            data_interval_start=dag["next_dagrun_data_interval_start"],
-            data_interval_end=dag["next_dagrun_data_interval_end"],
-            dag_run_id=f"onboarding__{logical}",
-        )
-    resp = api.post(f"/dags/{DAG_ID}/dagRuns", body)
-    if resp.status_code not in (200, 201):
-        raise UpError(f"could not trigger the onboarding run: {resp.status_code} {resp.text[:300]}")
-    return str(resp.json()["dag_run_id"])
+    return bool(runs.json().get("total_entries", 0))
+
+
+def first_run(api: Api) -> str | None:
+    """The run the scheduler starts once the DAG is unpaused on a fresh install (None: not yet)."""
+    runs = api.get(f"/dags/{DAG_ID}/dagRuns", limit=1)
+    runs.raise_for_status()
+    found = runs.json().get("dag_runs") or []
+    return str(found[0]["dag_run_id"]) if found else None
+
+
+def required_actions_url(url: str, run_id: str) -> str:
+    """Where the approval of a run is answered in the UI (Airflow 3.3's Required actions tab)."""
+    return f"{url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/{APPROVAL_TASK}/required_actions"
 
 
 # ------------------------------------------------------------------------------------------
@@ -445,12 +443,14 @@ def print_banner(info: dict[str, Any], paths: Paths, *, already: bool) -> None:
     else:
         print(f"  DAG:          {url}/dags/{DAG_ID} (left paused: no simulator)")
         print(f"                Set the {CONN_ID} connection (Admin -> Connections: host = your API base URL,")
-        print("                password = your personal token), run once with {\"dry_run\": true}, onboard with")
-        print(f"                {json.dumps(ONBOARDING_CONF)}, then unpause.")
-    if info.get("onboarding_run"):
-        print(f"  onboarding:   run {info['onboarding_run']} with {json.dumps(ONBOARDING_CONF)} was triggered for the")
-        print("                first scheduled slot: the first sync moves most customers at once, which the")
-        print("                circuit breaker would otherwise stop.")
+        print("                password = your personal token), run once with {\"dry_run\": true}, then unpause:")
+        print("                the first sync moves most customers at once and waits for your approval.")
+    if info.get("first_run"):
+        print(f"  first sync:   run {info['first_run']} stops at the circuit breaker (it moves most customers")
+        print("                at once) and waits for your approval. Answer it under Required actions:")
+        print(f"                {required_actions_url(url, info['first_run'])}")
+        print("                (the run's approve_sync task -> Required actions; Browse -> Required Actions")
+        print("                lists every open one): Apply all, Apply upgrades only, or Abort.")
     print(f"  logs:         {paths.logs} (Airflow task logs under {paths.home / 'logs'})")
     print(f"  data:         {paths.home / 'tier_sync_data'}")
     if info.get("retention_days"):
@@ -460,8 +460,8 @@ def print_banner(info: dict[str, Any], paths: Paths, *, already: bool) -> None:
     print("Trigger a run from the UI (Trigger button) or the CLI:")
     print(f"  AIRFLOW_HOME={paths.home} {Path(sys.executable).parent / 'airflow'} dags trigger {DAG_ID} "
           "-c '{\"dry_run\": true}'")
-    print("A sync that would move an unusually large share of customers stops at the circuit breaker;")
-    print(f"re-trigger it with conf '{json.dumps(ONBOARDING_CONF)}' if the mass change is intended.")
+    print("A sync that would move an unusually large share of customers waits for an approval under")
+    print("Required actions; trigger with conf '{\"allow_mass_change\": true}' to write one without asking.")
     print("Stop everything with `make down`.")
 
 
@@ -530,14 +530,17 @@ def up(args: argparse.Namespace) -> int:
         password = wait_for("the admin password file", lambda: read_password(paths), 60, procs)
         api = Api(url, ADMIN_USER, password)
         print("airflow:    api-server up; waiting for the dag-processor to parse the DAG ...")
-        dag = wait_for(f"the DAG {DAG_ID} to be parsed", lambda: dag_ready(api), args.timeout, procs)
+        wait_for(f"the DAG {DAG_ID} to be parsed", lambda: dag_ready(api), args.timeout, procs)
 
-        onboarding = None if args.no_onboarding or args.no_simulator else trigger_onboarding(api, dag)
+        first: str | None = None
         if not args.no_simulator:  # against a real store, the user unpauses once the connection is set
+            fresh = not has_runs(api)
             resp = api.patch(f"/dags/{DAG_ID}", {"is_paused": False})
             if resp.status_code != 200:
                 raise UpError(f"could not unpause {DAG_ID}: {resp.status_code} {resp.text[:300]}")
-        info = {"url": url, "port": args.port, "sim_url": sim_url, "onboarding_run": onboarding,
+            if fresh:  # the scheduler starts the newest interval's run; it will ask for approval
+                first = wait_for("the first scheduled run", lambda: first_run(api), args.timeout, procs)
+        info = {"url": url, "port": args.port, "sim_url": sim_url, "first_run": first,
                 "retention_days": retention_days, "airflow_home": str(paths.home), "started_at": datetime.now(tz=UTC).isoformat()}
         paths.info.write_text(json.dumps(info, indent=2))
         print(f"ready in {time.monotonic() - t0:.0f} s")
@@ -617,7 +620,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-simulator", action="store_true",
                         help="no simulator: the lightspeed_default connection is yours (UI or airflow_settings.yaml); "
                              "the DAG is left paused")
-    parser.add_argument("--no-onboarding", action="store_true", help="do not trigger the onboarding run")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each component")
     args = parser.parse_args(argv)
     if args.status:

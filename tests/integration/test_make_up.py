@@ -2,8 +2,9 @@
 
 One test, in the order a user lives it: `up` on a free port with a private state dir; the UI/API
 answers and the generated admin login works; the pool, the Variables and the simulator-pointed
-connection from airflow_settings.yaml are there; the DAG is unpaused and the onboarding run
-(first scheduled slot, `allow_mass_change`) succeeds under the real scheduler; a second `up` starts
+connection from airflow_settings.yaml are there; the DAG is unpaused, the first scheduled run (the
+store's first sync) stops at the circuit breaker and waits for an approval (the link `up` prints),
+is approved through the REST API as a user would in the UI, and succeeds; a second `up` starts
 nothing; a second copy on the same port fails clearly; `down` stops every process `up` started and
 leaves a bystander alone.
 """
@@ -81,7 +82,7 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     assert f"login:        admin / {password}" in first.stdout
     assert f"viewer / {passwords['viewer']} (Viewer role" in first.stdout  # to try the page's roles
     assert "retention:    run folders older than" in first.stdout
-    assert "allow_mass_change" in first.stdout  # the breaker note / trigger command
+    assert "allow_mass_change" in first.stdout  # how to write a mass change without asking
     assert (state / "airflow" / "airflow.db").exists()  # SQLite, under the state dir
 
     recorded = up_tool.read_started(up_tool.Paths(state))
@@ -125,11 +126,29 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     )
     assert refused.status_code == 403, refused.text[:300]
 
-    # The DAG is unpaused, and the onboarding run took the first scheduled slot and succeeds.
+    # The DAG is unpaused; the scheduler's first run (the store's first sync) waits for an approval.
     dag = get(f"/dags/{DAG_ID}")
     assert dag["is_paused"] is False
-    run_id = info["onboarding_run"]
-    assert run_id and run_id.startswith("onboarding__")
+    run_id = info["first_run"]
+    assert run_id and run_id.startswith("scheduled__")
+    link = up_tool.required_actions_url(url, run_id)
+    assert link in first.stdout and "Required actions" in first.stdout
+    hitl = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_sync/-1/hitlDetails"
+    deadline = time.monotonic() + 240
+    detail: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        resp = requests.get(f"{url}/api/v2{hitl}", headers=h, timeout=30)
+        if resp.status_code == 200 and resp.json()["task_instance"]["state"] == "awaiting_input":
+            detail = resp.json()
+            break
+        assert get(f"/dags/{DAG_ID}/dagRuns/{run_id}")["state"] == "running"
+        time.sleep(3)
+    assert detail, f"the first sync never asked: {get(f'/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances')}"
+    assert detail["subject"].startswith("Approve the tier sync") and "Apply all" in detail["options"]
+    assert requests.get(link, timeout=30).status_code == 200  # the UI route `up` prints
+    answered = requests.patch(f"{url}/api/v2{hitl}", headers=h, timeout=30,
+                              json={"chosen_options": ["Apply all"], "params_input": {"comment": "make up test"}})
+    assert answered.status_code == 200, answered.text[:300]
     deadline = time.monotonic() + 240
     run: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -139,7 +158,7 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
         time.sleep(3)
     tis = get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
     assert run.get("state") == "success", [(t["task_id"], t["map_index"], t["state"]) for t in tis]
-    assert run["conf"] == {"allow_mass_change": True}
+    assert not run["conf"].get("allow_mass_change")  # no onboarding special case: it asked
     # The run is the first scheduled slot: the newest complete daily interval.
     end = up_tool.latest_boundary(datetime.now(tz=UTC))
     assert run["data_interval_end"] == end.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -147,8 +166,9 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     runs = get(f"/dags/{DAG_ID}/dagRuns")["dag_runs"]
     assert [r["dag_run_id"] for r in runs] == [run_id]  # no scheduled duplicate of the slot
     assert any(t["task_id"] == "sync_batch" and t["pool"] == "lightspeed_api" for t in tis)
-    assert (state / "airflow" / "tier_sync_data" / "tier_sync_log.json").exists()
-    print(f"onboarding run done: {time.monotonic() - t0:.0f} s")
+    log = json.loads((state / "airflow" / "tier_sync_data" / "tier_sync_log.json").read_text())
+    assert log["approval"]["status"] == "approved_all" and log["synced"] is True
+    print(f"first sync approved and done: {time.monotonic() - t0:.0f} s")
 
     # `make up` again: nothing new is started.
     again = run_up("--state-dir", str(state), "--port", str(port), timeout=60)
