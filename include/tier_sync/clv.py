@@ -28,7 +28,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -121,13 +121,21 @@ def as_of_us(as_of: datetime | pd.Timestamp) -> int:
     return int((ts - _EPOCH) // pd.Timedelta(1, "us"))
 
 
-def timestamps_us(df: pd.DataFrame, column: str) -> I64:
+def timestamps_us(df: Frame, column: str) -> I64:
     """A datetime column as int64 microseconds UTC, NaT as `NAT`; a missing column is all NaT.
 
     Integer views make every comparison a plain numpy op, whatever unit/tz the column came with.
     """
-    if column not in df.columns:
+    if not _has(df, column):
         return np.full(len(df), NAT, dtype=np.int64)
+    if isinstance(df, pa.Table):
+        col = df.column(column)
+        if not pa.types.is_timestamp(col.type):
+            return timestamps_us(pd.DataFrame({column: col.to_pandas()}), column)
+        if col.type.tz is None or col.type.unit != "us":
+            col = pc.cast(col, pa.timestamp("us", tz=col.type.tz or "UTC"))
+        ints = pc.fill_null(col.cast(pa.int64()), NAT)
+        return np.asarray(ints.to_numpy(), dtype=np.int64)
     col = df[column]
     if not isinstance(col.dtype, pd.DatetimeTZDtype) and not pd.api.types.is_datetime64_dtype(col.dtype):
         col = pd.to_datetime(col, utc=True, format="ISO8601")
@@ -151,24 +159,196 @@ def arrow_strings(col: pd.Series) -> pa.Array | pa.ChunkedArray:
     return pa.array(col.array)
 
 
-def _codes(col: pd.Series) -> tuple[I64, int]:
-    """Dense integer codes of a text column (-1 for null) and how many distinct values.
+Frame: TypeAlias = pd.DataFrame | pa.Table  # the store's rows: a DataFrame, or the Arrow table the store read
 
-    Arrow's hash kernel: several times faster than pandas' factorize on 5M string ids.
-    """
-    encoded = pc.dictionary_encode(arrow_strings(col))
+
+def _has(frame: Frame, column: str) -> bool:
+    return column in (frame.column_names if isinstance(frame, pa.Table) else frame.columns)
+
+
+def _text(frame: Frame, column: str) -> pa.Array | pa.ChunkedArray:
+    """A text column as Arrow (a pandas column converted, an Arrow one as it is)."""
+    if isinstance(frame, pa.Table):
+        col = frame.column(column)
+        return col if pa.types.is_string(col.type) else pc.cast(col, pa.string())
+    return arrow_strings(frame[column])
+
+
+def _id_strings(frame: Frame, rows: npt.ArrayLike) -> list[str]:
+    """The ids of `rows` (row numbers or a mask), for error messages."""
+    taken = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+    return [str(v) for v in _text(frame, "id").take(pa.array(taken, type=pa.int64())).to_pylist()]
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_U64 = np.dtype(np.uint64)
+
+
+class _Words:
+    """The non-null values of a text column whose values all have one byte length (Lightspeed ids
+    are 36-character UUIDs) as rows of 64-bit words, read in place from the Arrow buffers (a
+    strided view per chunk; the last word overlaps the one before when the length is not a
+    multiple of 8). Equal words <=> equal strings, so hashing and checking them is whole-array
+    numpy work instead of hashing millions of Python-visible strings."""
+
+    def __init__(self, parts: list[list[npt.NDArray[np.uint64]]], valid: npt.NDArray[np.bool_]) -> None:
+        self.parts = parts  # per chunk, one strided view per word column
+        self.valid = valid  # per row of the column
+        self.starts = np.cumsum([0] + [len(p[0]) for p in parts])  # valid-row number of each part
+        self.width = len(parts[0]) if parts else 0
+
+    @classmethod
+    def of(cls, arr: pa.Array | pa.ChunkedArray) -> _Words | None:
+        """None unless every non-null value has the same length (>= 8 bytes) and nulls are empty."""
+        chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+        width = -1
+        parts: list[list[npt.NDArray[np.uint64]]] = []
+        valids: list[npt.NDArray[np.bool_]] = []
+        for chunk in chunks:
+            if pa.types.is_string(chunk.type):
+                offset_type: type[np.signedinteger[Any]] = np.int32
+            elif pa.types.is_large_string(chunk.type):
+                offset_type = np.int64
+            else:
+                return None
+            if len(chunk) == 0:
+                continue
+            _, offsets_buf, data_buf = chunk.buffers()
+            offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+            lengths = np.diff(offsets)
+            if chunk.null_count == 0:
+                valid = np.ones(len(chunk), dtype=bool)
+            else:
+                valid = np.asarray(chunk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            valids.append(valid)
+            rows = int(valid.sum())
+            if rows == 0:
+                continue
+            w = int(lengths[valid][0])
+            if w < 8 or (width >= 0 and w != width) or (lengths[valid] != w).any() or lengths[~valid].any():
+                return None
+            width = w
+            at = [8 * j for j in range(w // 8)] + ([w - 8] if w % 8 else [])
+            start = int(offsets[0])
+            parts.append(
+                [np.ndarray(shape=(rows,), dtype=_U64, buffer=data_buf, offset=start + o, strides=(w,)) for o in at]
+            )
+        if width < 0:
+            return None
+        return cls(parts, np.concatenate(valids))
+
+    def hashes(self) -> I64:
+        """A 64-bit hash of each valid row, in valid-row order (equal strings, equal hashes)."""
+        out = np.empty(int(self.starts[-1]), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for part, lo in zip(self.parts, self.starts, strict=False):
+                h = np.zeros(len(part[0]), dtype=np.uint64)
+                for word in part:
+                    h ^= word
+                    h *= _MIX
+                    h ^= h >> np.uint64(31)
+                out[lo : lo + len(h)] = h
+        return out.view(np.int64)
+
+    def rows(self, index: I64) -> npt.NDArray[np.uint64]:
+        """The words of the given valid-row numbers, in that order."""
+        ascending = bool((index[1:] >= index[:-1]).all())
+        order = None if ascending else np.argsort(index, kind="stable")
+        wanted = index if order is None else index[order]
+        out = np.empty((len(index), self.width), dtype=np.uint64)
+        bounds = np.searchsorted(wanted, self.starts)
+        for p, part in enumerate(self.parts):
+            lo, hi = int(bounds[p]), int(bounds[p + 1])
+            if hi > lo:
+                local = wanted[lo:hi] - self.starts[p]
+                for j, word in enumerate(part):
+                    out[lo:hi, j] = word[local]
+        if order is not None:
+            unsorted = np.empty_like(out)
+            unsorted[order] = out
+            return unsorted
+        return out
+
+    def match(self, other: npt.NDArray[np.uint64], position: I64) -> bool:
+        """Whether each valid row with `position` >= 0 equals row `position` of `other` (words of
+        the same width, e.g. `rows` of a small key column), compared in place, part by part."""
+        for part, lo in zip(self.parts, self.starts, strict=False):
+            at = position[lo : lo + len(part[0])]
+            hit = at >= 0
+            at = np.where(hit, at, 0)
+            for j, word in enumerate(part):
+                if not ((word == other[at, j]) | ~hit).all():
+                    return False
+        return True
+
+
+def _codes_exact(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, int]:
+    """Dense integer codes of a text column (-1 for null) and how many distinct values, by
+    Arrow's hash kernel on the strings themselves."""
+    encoded = pc.dictionary_encode(arr)
     chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
     if not chunks:
         return np.zeros(0, dtype=np.int64), 0
     size = len(chunks[-1].dictionary)
     if any(len(c.dictionary) != size for c in chunks):  # not one shared dictionary: be safe
-        codes, uniques = pd.factorize(col)
+        codes, uniques = pd.factorize(arr.to_pandas())
         return codes.astype(np.int64), len(uniques)
     parts = [pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False) for c in chunks]
     return np.concatenate(parts).astype(np.int64), size
 
 
-def as_of_mask(df: pd.DataFrame, as_of: datetime | pd.Timestamp) -> npt.NDArray[np.bool_]:
+def _repeated(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, I64, int]:
+    """The rows whose (non-null) value occurs more than once, dense codes of their values among
+    them, and how many such values. Every other non-null row holds a value of its own.
+
+    Fixed-width ids: sort the 64-bit hashes (cheaper than hashing them again) and group only the
+    rows whose hash repeats, checking their bytes; in a daily store most ids have one version.
+    """
+    words = _Words.of(arr)
+    if words is not None:
+        h = words.hashes()
+        order = np.argsort(h)
+        ordered = h[order]
+        same = ordered[1:] == ordered[:-1]
+        if not same.any():
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
+        marked = np.zeros(len(h), dtype=bool)
+        marked[1:] = same
+        marked[:-1] |= same
+        cand = np.sort(order[marked])
+        del order, ordered, same, marked
+        codes, uniques = pd.factorize(h[cand])
+        codes = np.asarray(codes, dtype=np.int64)
+        ref = np.empty(len(uniques), dtype=np.int64)
+        ref[codes] = np.arange(len(codes), dtype=np.int64)
+        if bool((words.rows(cand) == words.rows(cand[ref[codes]])).all()):
+            return np.flatnonzero(words.valid)[cand], codes, len(uniques)
+        log.warning("id hash collision: using the exact string hash (slower)")
+    all_codes, size = _codes_exact(arr)
+    counts = np.bincount(all_codes[all_codes >= 0], minlength=size)
+    rows = np.flatnonzero((all_codes >= 0) & (counts[np.maximum(all_codes, 0)] > 1))
+    dense, uniques = pd.factorize(all_codes[rows])
+    return rows, np.asarray(dense, dtype=np.int64), len(uniques)
+
+
+def _index_in(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> I64:
+    """For each value, the position of the equal key (keys are unique), -1 for null or absent."""
+    vw, kw = _Words.of(values), _Words.of(keys)
+    if vw is not None and kw is not None and vw.width == kw.width and kw.valid.all():
+        index = pd.Index(kw.hashes())
+        if index.is_unique:
+            found = np.asarray(index.get_indexer(vw.hashes()), dtype=np.int64)
+            if vw.match(kw.rows(np.arange(len(index), dtype=np.int64)), found):
+                pos = np.full(len(vw.valid), -1, dtype=np.int64)
+                pos[vw.valid] = found
+                return pos
+        log.warning("id hash collision: using the exact string lookup (slower)")
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    return _ints(pc.index_in(values, value_set=keys), len(values))
+
+
+def as_of_mask(df: Frame, as_of: datetime | pd.Timestamp) -> npt.NDArray[np.bool_]:
     """Which rows form the store as it was at `as_of`: one version per `id` (contracts "As-of view").
 
     Among versions created before `as_of` (or with no `created_at`), the newest one whose
@@ -179,27 +359,35 @@ def as_of_mask(df: pd.DataFrame, as_of: datetime | pd.Timestamp) -> npt.NDArray[
     if n == 0:
         return np.zeros(0, dtype=bool)
     cut = as_of_us(as_of)
-    codes, size = _codes(df["id"])
+    ids = _text(df, "id")
     created = timestamps_us(df, "created_at")
-    updated = timestamps_us(df, "updated_at")
-    eligible = (codes >= 0) & (created < cut)  # NaT (int64 min) < cut: a missing created_at counts
-    current = updated < cut  # likewise a missing updated_at counts as "before as_of"
-    if size == n and eligible.all() and current.all():
-        return eligible  # fast path: every row is already the only, current version of its id
-    version = df["version"].to_numpy(dtype=np.int64, na_value=0)
+    eligible = created < cut  # NaT (int64 min) < cut: a missing created_at counts
+    if ids.null_count:
+        eligible &= np.asarray(pc.is_valid(ids).to_numpy(zero_copy_only=False), dtype=bool)
+    rows, codes, size = _repeated(ids)
+    if len(rows) == 0:
+        return eligible  # every id has one version: chosen whenever it existed at as_of
+    # Ids with several versions: one ranking key, in which every "current" version (updated_at <
+    # as_of; a missing updated_at counts as before) outranks every later-written one; among
+    # current ones the highest version wins, among later ones the lowest (-v - 1 is larger).
+    current = timestamps_us(df, "updated_at")[rows] < cut
+    version = (
+        np.asarray(pc.fill_null(df.column("version"), 0).to_numpy(), dtype=np.int64)
+        if isinstance(df, pa.Table)
+        else df["version"].to_numpy(dtype=np.int64, na_value=0)
+    )[rows]
     shifted = version - min(int(version.min()), 0)  # >= 0, order kept
-    # One ranking key: every "current" version outranks every later-written one; among current
-    # ones the highest version wins, among later ones the lowest (-v - 1 is larger for smaller v).
     key = np.where(current, shifted, -shifted - 1)
-    rows = np.flatnonzero(eligible)
+    chosen = eligible.copy()
+    chosen[rows] = False
+    sub = np.flatnonzero(eligible[rows])
     best = np.full(size, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(best, codes[rows], key[rows])
-    winners = rows[key[rows] == best[codes[rows]]]
+    np.maximum.at(best, codes[sub], key[sub])
+    winners = sub[key[sub] == best[codes[sub]]]
     # The same (id, version) stored twice ties: keep the first row of each id.
-    first = np.full(size, n, dtype=np.int64)
+    first = np.full(size, len(rows), dtype=np.int64)
     np.minimum.at(first, codes[winners], winners)
-    chosen = np.zeros(n, dtype=bool)
-    chosen[first[first < n]] = True
+    chosen[rows[first[first < len(rows)]]] = True
     return chosen
 
 
@@ -218,7 +406,7 @@ def live_customers(customers: pd.DataFrame, as_of: datetime | pd.Timestamp) -> p
 
 
 def qualifying_sales(
-    sales: pd.DataFrame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp
+    sales: Frame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp
 ) -> tuple[I64, I64, I64]:
     """(customer position, amount cents, sale_date us) of every qualifying sale (tier-rules.md).
 
@@ -231,7 +419,7 @@ def qualifying_sales(
 
 
 def checked_sales(
-    sales: pd.DataFrame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp, rules: TierRules
+    sales: Frame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp, rules: TierRules
 ) -> tuple[I64, I64, I64, list[str]]:
     """`qualifying_sales` under the plausibility bound, plus the ids of the sales it quarantined.
 
@@ -244,7 +432,7 @@ def checked_sales(
     implausible = (amount >= bound) | (amount <= -bound)  # not np.abs: it overflows at int64 min
     if not implausible.any():
         return position, amount, sale_date, []
-    ids = sorted(sales["id"].astype("str").to_numpy()[rows[implausible]].tolist())
+    ids = sorted(_id_strings(sales, rows[implausible]))
     limit = f"{format_cents(bound)} either way (max_sale_amount_cents)"
     if rules.implausible_amounts != IMPLAUSIBLE_QUARANTINE:
         raise SaleAmountError(
@@ -264,10 +452,10 @@ def checked_sales(
 
 
 def _qualifying(
-    sales: pd.DataFrame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp
+    sales: Frame, customer_ids: pd.Series, as_of: datetime | pd.Timestamp
 ) -> tuple[I64, I64, I64, I64]:
     """(row numbers, customer position, amount cents, sale_date us) of the qualifying sales."""
-    if sales.empty:
+    if len(sales) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy(), empty.copy(), empty.copy()
     cut = as_of_us(as_of)
@@ -277,26 +465,22 @@ def _qualifying(
     mask &= (deleted_at == NAT) | (deleted_at >= cut)
     mask &= (sale_date != NAT) & (sale_date < cut)
     n = len(sales)
-    if "status" in sales.columns:
-        status = arrow_strings(sales["status"])
+    if _has(sales, "status"):
+        status = _text(sales, "status")
         closed = _bools(pc.is_in(status, value_set=pa.array(sorted(CLOSED_STATUSES))), n)
         no_status = ~_bools(pc.greater(pc.utf8_length(status), 0), n)  # null or ""
     else:
         closed = np.zeros(n, dtype=bool)
         no_status = np.ones(n, dtype=bool)
-    if "state" in sales.columns:
-        state_closed = _bools(pc.equal(arrow_strings(sales["state"]), CLOSED_STATE), n)
+    if _has(sales, "state"):
+        state_closed = _bools(pc.equal(_text(sales, "state"), CLOSED_STATE), n)
         closed |= no_status & state_closed
     mask &= closed
-    value_set = arrow_strings(customer_ids)
-    if isinstance(value_set, pa.ChunkedArray):
-        value_set = value_set.combine_chunks()
-    index = pc.index_in(arrow_strings(sales["customer_id"]), value_set=value_set)
-    position = _ints(index, n)  # -1 for a null or unknown customer id
+    position = _index_in(_text(sales, "customer_id"), arrow_strings(customer_ids))  # -1: null or unknown
     mask &= position >= 0
     amount, unusable = _amount_cents(sales)
     if (unusable & mask).any():
-        ids = sales["id"].astype("str").to_numpy()[unusable & mask].tolist()
+        ids = _id_strings(sales, unusable & mask)
         raise SaleAmountError(
             ids,
             "have no amount (amount_cents null or not whole int64 cents), which must never count as "
@@ -306,13 +490,19 @@ def _qualifying(
     return rows, position[rows], amount[rows], sale_date[rows]
 
 
-def _amount_cents(sales: pd.DataFrame) -> tuple[I64, npt.NDArray[np.bool_]]:
+def _amount_cents(sales: Frame) -> tuple[I64, npt.NDArray[np.bool_]]:
     """`amount_cents` as int64 and which rows have no usable value (null, NaN, a fraction of a
     cent, beyond int64): those are 0 in the array and must not be counted."""
     n = len(sales)
-    if "amount_cents" not in sales.columns:
+    if not _has(sales, "amount_cents"):
         return np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
-    col = sales["amount_cents"]
+    if isinstance(sales, pa.Table):
+        arrow = sales.column("amount_cents")
+        if pa.types.is_integer(arrow.type) and arrow.null_count == 0:  # the store's int64: the fast path
+            return np.asarray(arrow.to_numpy(), dtype=np.int64), np.zeros(n, dtype=bool)
+        col = arrow.to_pandas()
+    else:
+        col = sales["amount_cents"]
     if getattr(col.dtype, "kind", "") == "i" and not col.hasnans:  # the store's int64: the fast path
         return col.to_numpy(dtype=np.int64), np.zeros(n, dtype=bool)
     out = np.zeros(n, dtype=np.int64)
@@ -382,7 +572,7 @@ def assign_tiers(
 
 
 def compute_customer_metrics(
-    sales: pd.DataFrame, customers: pd.DataFrame, as_of: datetime | pd.Timestamp, rules: TierRules
+    sales: Frame, customers: pd.DataFrame, as_of: datetime | pd.Timestamp, rules: TierRules
 ) -> pd.DataFrame:
     """One row per live customer at `as_of` (sorted by id) with exact CLV metrics and tier.
 

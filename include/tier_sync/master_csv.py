@@ -64,7 +64,8 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
 
 
 class StoreReader(Protocol):
-    """What compute_tiers needs from the order store."""
+    """What compute_tiers needs from the order store (an `OrderStore`'s `read_table`, returning
+    Arrow, is used instead of `read` when the store has it: no pandas copy of millions of sales)."""
 
     def read(self, resource: str) -> pd.DataFrame: ...
 
@@ -85,9 +86,14 @@ def div_half_up(num: I64, den: I64) -> I64:
 
 
 def format_us_array(us: I64) -> np.ndarray[Any, np.dtype[np.object_]]:
-    """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ`; NaT as ""."""
-    ts = pd.Series(pd.to_datetime(np.asarray(us, dtype=np.int64), unit="us", utc=True))
-    return ts.dt.strftime("%Y-%m-%dT%H:%M:%SZ").fillna("").to_numpy(dtype=object)
+    """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ` (the second floored); NaT as ""."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    us = np.asarray(us, dtype=np.int64)
+    seconds = pa.array(us // 1_000_000, type=pa.timestamp("s"), mask=us == NAT)  # naive: already UTC
+    text = pc.fill_null(pc.strftime(seconds, format="%Y-%m-%dT%H:%M:%SZ"), "")
+    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
 
 
 def _clean_text(col: pd.Series) -> pd.Series:
@@ -183,8 +189,112 @@ def tier_breakdown(master: pd.DataFrame) -> dict[str, int]:
 
 def to_csv_bytes(df: pd.DataFrame) -> bytes:
     """Spreadsheet-safe (spreadsheet.py: text cells that would evaluate get a leading "'", numbers
-    stay plain), UTF-8 with BOM, minimal quoting, "\\n" rows: the same frame always gives the same bytes."""
-    return spreadsheet.to_safe_csv_bytes(df, numeric_columns=NUMERIC_COLUMNS)
+    stay plain), UTF-8 with BOM, minimal quoting, "\\n" rows: the same frame always gives the same bytes.
+
+    A frame of text columns (the master, tier changes, tier history) is written column by column
+    with Arrow's string kernels, byte for byte what `spreadsheet.to_safe_csv_bytes` writes
+    (tests/unit/test_master_csv.py compares them) at a fraction of the time of a per-cell
+    Python pass; any other frame goes through `spreadsheet.to_safe_csv_bytes` itself.
+    """
+    fast = _columnar_safe_csv(df, NUMERIC_COLUMNS)
+    return fast if fast is not None else spreadsheet.to_safe_csv_bytes(df, numeric_columns=NUMERIC_COLUMNS)
+
+
+# spreadsheet.neutralise's test as bytes: the first byte is a trigger (all ASCII), or a "'" that
+# RE2 (Arrow's regex engine) then checks; _is_plain_number in RE2: \p{Nd} is Python's Unicode
+# \d, and Python's "$" also matches before one final "\n".
+_TRIGGER_BYTES = np.zeros(256, dtype=bool)
+_TRIGGER_BYTES[[ord(c) for c in spreadsheet.TRIGGERS]] = True
+_RE2_NEEDS_PREFIX = "^'+[" + "".join("\\" + c if c in "-]\\^[" else c for c in spreadsheet.TRIGGERS) + "]"
+_RE2_PLAIN_NUMBER = "^-?\\p{Nd}+(\\.\\p{Nd}+)?\n?$"
+# What csv.writer(QUOTE_MINIMAL, lineterminator="\n") quotes on Python 3.11: the delimiter, the
+# quote character and the line terminator's characters (a lone "\r" is not quoted: _clean_text).
+_QUOTE_CHARS = (",", '"', "\n")
+
+
+def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> bytes | None:
+    """`df` as spreadsheet.to_safe_csv_bytes would write it, or None when a column is not all
+    text, a header is not a string, or there are fewer than two columns (csv quotes a lone
+    empty field)."""
+    import pyarrow as pa
+
+    if len(df.columns) < 2 or not all(isinstance(c, str) for c in df.columns):
+        return None
+    fields = []
+    for name in df.columns:
+        col = df[name]
+        if col.dtype != object and not isinstance(col.dtype, pd.StringDtype):
+            return None
+        try:
+            if isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
+                arr = pa.array(col.array).cast(pa.string())  # pandas' Arrow-backed str: no Python strs
+            else:
+                arr = pa.array(col.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+        except (pa.ArrowException, TypeError, ValueError):
+            return None
+        fields.append(_quoted(_neutralised(arr, plain_numbers=name in numeric_columns)))
+    header = _quoted(pa.array(list(df.columns), type=pa.string())).to_pylist()
+    head = (",".join(header) + "\n").encode("utf-8")
+    if len(df) == 0:
+        return spreadsheet.BOM + head
+    import pyarrow.compute as pc
+
+    lines = pc.binary_join_element_wise(pc.binary_join_element_wise(*fields, ","), "", "\n")
+    data, offsets = _string_buffers(lines)
+    return spreadsheet.BOM + head + data[int(offsets[0]) : int(offsets[-1])].tobytes()
+
+
+def _string_buffers(arr: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], np.ndarray[Any, np.dtype[np.int32]]]:
+    """The UTF-8 bytes and the offsets of a string array (one chunk), in place."""
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    return data, offsets
+
+
+def _neutralised(arr: Any, *, plain_numbers: bool) -> Any:
+    """spreadsheet.neutralise of every cell (nulls written as ""); with `plain_numbers`, cells that
+    are plain numbers are left alone (spreadsheet.safe_frame's numeric columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pc.fill_null(arr, "")
+    data, offsets = _string_buffers(arr)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    first = np.where(lengths > 0, data[np.minimum(starts, max(len(data) - 1, 0))] if len(data) else 0, 0)
+    prefix = (lengths > 0) & _TRIGGER_BYTES[first]
+    quoted = np.flatnonzero((lengths > 0) & (first == ord("'")))
+    if len(quoted):
+        prefix[quoted] = np.asarray(
+            pc.match_substring_regex(arr.take(pa.array(quoted)), _RE2_NEEDS_PREFIX).to_numpy(zero_copy_only=False),
+            dtype=bool,
+        )
+    if plain_numbers and prefix.any():
+        suspects = np.flatnonzero(prefix)
+        plain = pc.match_substring_regex(arr.take(pa.array(suspects)), _RE2_PLAIN_NUMBER)
+        prefix[suspects[np.asarray(plain.to_numpy(zero_copy_only=False), dtype=bool)]] = False
+    if not prefix.any():
+        return arr
+    return pc.if_else(pa.array(prefix), pc.binary_join_element_wise("'", arr, ""), arr)
+
+
+def _quoted(arr: Any) -> Any:
+    """csv.QUOTE_MINIMAL of each cell: in double quotes, inner quotes doubled, when it needs them."""
+    import pyarrow.compute as pc
+
+    data, offsets = _string_buffers(arr)
+    body = data[int(offsets[0]) : int(offsets[-1])].tobytes() if len(offsets) else b""
+    if not any(c.encode() in body for c in _QUOTE_CHARS):
+        return arr
+    needs = pc.match_substring(arr, _QUOTE_CHARS[0])
+    for c in _QUOTE_CHARS[1:]:
+        needs = pc.or_(needs, pc.match_substring(arr, c))
+    quoted = pc.binary_join_element_wise('"', pc.replace_substring(arr, '"', '""'), '"', "")
+    return pc.if_else(needs, quoted, arr)
 
 
 def read_csv_str(url: str, usecols: list[str] | None = None) -> pd.DataFrame:
@@ -239,7 +349,8 @@ def compute_tiers(
     if run_key(as_of) != paths.key:
         raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
 
-    sales = store.read("sales")
+    read_table = getattr(store, "read_table", None)
+    sales = read_table("sales") if callable(read_table) else store.read("sales")
     customers = store.read("customers")
     metrics = compute_customer_metrics(sales, customers, as_of, rules)
     del sales, customers

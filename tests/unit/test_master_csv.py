@@ -23,6 +23,7 @@ from include.tier_sync.master_csv import (
     div_half_up,
     format_cents_array,
     publish_run,
+    to_csv_bytes,
 )
 from include.tier_sync.runtime import iso
 from include.tier_sync.spreadsheet import raw_value
@@ -365,3 +366,27 @@ def test_build_master_with_no_previous_and_empty_metrics() -> None:
     master = build_master(metrics.iloc[0:0], None, AS_OF)
     assert list(master.columns) == list(MASTER_COLUMNS)
     assert master.empty
+
+
+def test_the_columnar_csv_writer_writes_what_the_spreadsheet_module_writes() -> None:
+    """to_csv_bytes (Arrow kernels) against spreadsheet.to_safe_csv_bytes (per cell), byte for byte."""
+    from include.tier_sync import spreadsheet
+    from include.tier_sync.master_csv import NUMERIC_COLUMNS
+
+    cells = [
+        "", "a", "=1+1", "'=x", "''+y", "'plain", "-12.50", "-1a", "\u0661\u0662", "-\u0661\u0662", "12\n",
+        "-12\n", 'say "hi"', "a,b", "line\nbreak", "cr\ronly", "\tTab", "@at", "+1", "x'", "Zoë 李",
+        " lead", "-", "'", "-.5", "1.", None,
+    ]  # fmt: skip
+    df = pd.DataFrame(
+        {"Customer ID": cells, "Lifetime Value": cells, "Name": list(reversed(cells)), "count": cells}
+    ).astype(object)
+    fast = to_csv_bytes(df)
+    assert fast == spreadsheet.to_safe_csv_bytes(df, numeric_columns=NUMERIC_COLUMNS)
+    assert "'=1+1" in fast.decode("utf-8-sig") and '"a,b"' in fast.decode("utf-8-sig")
+    as_str = df.astype("str")  # pandas' Arrow-backed str columns take the no-copy branch
+    assert to_csv_bytes(as_str) == spreadsheet.to_safe_csv_bytes(as_str, numeric_columns=NUMERIC_COLUMNS)
+    empty = df.iloc[0:0]
+    assert to_csv_bytes(empty) == spreadsheet.to_safe_csv_bytes(empty, numeric_columns=NUMERIC_COLUMNS)
+    mixed = df.assign(n=1)  # a numeric column: the spreadsheet module writes it
+    assert to_csv_bytes(mixed) == spreadsheet.to_safe_csv_bytes(mixed, numeric_columns=NUMERIC_COLUMNS)
