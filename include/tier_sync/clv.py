@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -134,8 +135,12 @@ def timestamps_us(df: Frame, column: str) -> I64:
             return timestamps_us(pd.DataFrame({column: col.to_pandas()}), column)
         if col.type.tz is None or col.type.unit != "us":
             col = pc.cast(col, pa.timestamp("us", tz=col.type.tz or "UTC"))
-        ints = pc.fill_null(col.cast(pa.int64()), NAT)
-        return np.asarray(ints.to_numpy(), dtype=np.int64)
+        out = np.empty(len(col), dtype=np.int64)
+        at = 0
+        for chunk in col.chunks:  # chunk by chunk: no second whole-column copy on the way
+            out[at : at + len(chunk)] = pc.fill_null(chunk.cast(pa.int64()), NAT).to_numpy()
+            at += len(chunk)
+        return out
     col = df[column]
     if not isinstance(col.dtype, pd.DatetimeTZDtype) and not pd.api.types.is_datetime64_dtype(col.dtype):
         col = pd.to_datetime(col, utc=True, format="ISO8601")
@@ -166,12 +171,27 @@ def _has(frame: Frame, column: str) -> bool:
     return column in (frame.column_names if isinstance(frame, pa.Table) else frame.columns)
 
 
-def _text(frame: Frame, column: str) -> pa.Array | pa.ChunkedArray:
-    """A text column as Arrow (a pandas column converted, an Arrow one as it is)."""
+def _text(frame: Frame, column: str, *, dictionary: bool = False) -> pa.Array | pa.ChunkedArray:
+    """A text column as Arrow (a pandas column converted, an Arrow one as it is; a dictionary one
+    decoded unless `dictionary`, for `_test_values`)."""
     if isinstance(frame, pa.Table):
         col = frame.column(column)
-        return col if pa.types.is_string(col.type) else pc.cast(col, pa.string())
+        if pa.types.is_string(col.type) or (dictionary and pa.types.is_dictionary(col.type)):
+            return col
+        return pc.cast(col, pa.string())
     return arrow_strings(frame[column])
+
+
+def _test_values(arr: pa.Array | pa.ChunkedArray, test: Any, n: int) -> npt.NDArray[np.bool_]:
+    """A boolean Arrow kernel applied to each value (null as False); on a dictionary column it runs
+    on the dictionary and is looked up by index, so millions of rows cost a take."""
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    parts = []
+    for chunk in chunks:
+        result = pc.take(test(chunk.dictionary), chunk.indices) if pa.types.is_dictionary(chunk.type) else test(chunk)
+        parts.append(np.asarray(pc.fill_null(result, False).to_numpy(zero_copy_only=False), dtype=bool))
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+    return out if len(out) == n else np.zeros(n, dtype=bool)
 
 
 def _id_strings(frame: Frame, rows: npt.ArrayLike) -> list[str]:
@@ -331,21 +351,54 @@ def _repeated(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, I64, int]:
     return rows, np.asarray(dense, dtype=np.int64), len(uniques)
 
 
-def _index_in(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> I64:
-    """For each value, the position of the equal key (keys are unique), -1 for null or absent."""
-    vw, kw = _Words.of(values), _Words.of(keys)
-    if vw is not None and kw is not None and vw.width == kw.width and kw.valid.all():
-        index = pd.Index(kw.hashes())
-        if index.is_unique:
-            found = np.asarray(index.get_indexer(vw.hashes()), dtype=np.int64)
-            if vw.match(kw.rows(np.arange(len(index), dtype=np.int64)), found):
+class _Lookup:
+    """Positions of values among unique keys (the live customer ids), built once and applied to
+    a column or to each dictionary of a dictionary column."""
+
+    def __init__(self, keys: pa.Array | pa.ChunkedArray) -> None:
+        self.keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        self.words = _Words.of(self.keys)
+        self.index: pd.Index | None = None
+        self.dense: npt.NDArray[np.uint64] | None = None
+        if self.words is not None and self.words.valid.all():
+            index = pd.Index(self.words.hashes())
+            if index.is_unique:
+                self.index = index
+                self.dense = self.words.rows(np.arange(len(index), dtype=np.int64))
+
+    def __call__(self, values: pa.Array | pa.ChunkedArray) -> I64:
+        """For each value, the position of the equal key, -1 for null or absent."""
+        chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+        if any(pa.types.is_dictionary(c.type) for c in chunks):
+            parts = []
+            done: dict[tuple[int, ...], pa.Array] = {}  # the batches of one row group share its dictionary
+            for c in chunks:
+                if pa.types.is_dictionary(c.type):
+                    d = c.dictionary
+                    key = (d.offset, len(d), *(b.address if b is not None else 0 for b in d.buffers()))
+                    if key not in done:
+                        done[key] = pa.array(self(d))
+                    parts.append(_ints(pc.take(done[key], c.indices), len(c)))
+                else:
+                    parts.append(self(c))
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        vw = _Words.of(values)
+        same_width = vw is not None and self.words is not None and vw.width == self.words.width
+        if vw is not None and self.index is not None and self.dense is not None and same_width:
+            found = np.asarray(self.index.get_indexer(vw.hashes()), dtype=np.int64)
+            if vw.match(self.dense, found):
                 pos = np.full(len(vw.valid), -1, dtype=np.int64)
                 pos[vw.valid] = found
                 return pos
-        log.warning("id hash collision: using the exact string lookup (slower)")
-    if isinstance(keys, pa.ChunkedArray):
-        keys = keys.combine_chunks()
-    return _ints(pc.index_in(values, value_set=keys), len(values))
+            log.warning("id hash collision: using the exact string lookup (slower)")
+        return _ints(pc.index_in(values, value_set=self.keys), len(values))
+
+
+def _index_in(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> I64:
+    """For each value, the position of the equal key (keys are unique), -1 for null or absent.
+    Fixed-width ids: by their 64-bit hashes, every match checked against the bytes; a
+    dictionary column is looked up one dictionary at a time and taken by index."""
+    return _Lookup(keys)(values)
 
 
 def as_of_mask(df: Frame, as_of: datetime | pd.Timestamp) -> npt.NDArray[np.bool_]:
@@ -459,35 +512,52 @@ def _qualifying(
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty.copy(), empty.copy(), empty.copy()
     cut = as_of_us(as_of)
-    mask = as_of_mask(sales, as_of)
-    deleted_at = timestamps_us(sales, "deleted_at")
-    sale_date = timestamps_us(sales, "sale_date")
-    mask &= (deleted_at == NAT) | (deleted_at >= cut)
-    mask &= (sale_date != NAT) & (sale_date < cut)
-    n = len(sales)
-    if _has(sales, "status"):
-        status = _text(sales, "status")
-        closed = _bools(pc.is_in(status, value_set=pa.array(sorted(CLOSED_STATUSES))), n)
-        no_status = ~_bools(pc.greater(pc.utf8_length(status), 0), n)  # null or ""
-    else:
-        closed = np.zeros(n, dtype=bool)
-        no_status = np.ones(n, dtype=bool)
-    if _has(sales, "state"):
-        state_closed = _bools(pc.equal(_text(sales, "state"), CLOSED_STATE), n)
-        closed |= no_status & state_closed
-    mask &= closed
-    position = _index_in(_text(sales, "customer_id"), arrow_strings(customer_ids))  # -1: null or unknown
-    mask &= position >= 0
+    # The as-of view (hashing and sorting the ids) runs on a second thread while this one tests
+    # the other columns: both are numpy / Arrow kernels that release the GIL, and the machine
+    # has two cores.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="as-of-view") as pool:
+        view = pool.submit(as_of_mask, sales, as_of)
+        passed, sale_date, position = _other_tests(sales, customer_ids, cut)
+        passed &= view.result()
+    rows = np.flatnonzero(passed & (position >= 0)).astype(np.int64)
+    del passed
+    position, sale_date = position[rows], sale_date[rows]
     amount, unusable = _amount_cents(sales)
-    if (unusable & mask).any():
-        ids = _id_strings(sales, unusable & mask)
+    if unusable[rows].any():
+        ids = _id_strings(sales, rows[unusable[rows]])
         raise SaleAmountError(
             ids,
             "have no amount (amount_cents null or not whole int64 cents), which must never count as "
             '$0 (docs/tier-rules.md "Amount"); re-extract them (full_refresh) or fix them in Lightspeed',
         )
-    rows = np.flatnonzero(mask).astype(np.int64)
-    return rows, position[rows], amount[rows], sale_date[rows]
+    return rows, position, amount[rows], sale_date
+
+
+def _other_tests(
+    sales: Frame, customer_ids: pd.Series, cut: int
+) -> tuple[npt.NDArray[np.bool_], I64, I64]:
+    """Which sales pass every test but the as-of view (not deleted, dated before the cut-off,
+    finished), their sale_date us and their customer's position (-1: none or unknown)."""
+    deleted_at = timestamps_us(sales, "deleted_at")
+    mask = (deleted_at == NAT) | (deleted_at >= cut)
+    del deleted_at  # the sales can be millions of rows: keep few whole columns alive at once
+    sale_date = timestamps_us(sales, "sale_date")
+    mask &= (sale_date != NAT) & (sale_date < cut)
+    n = len(sales)
+    if _has(sales, "status"):
+        status = _text(sales, "status", dictionary=True)
+        closing = pa.array(sorted(CLOSED_STATUSES))
+        closed = _test_values(status, lambda a: pc.is_in(a, value_set=closing), n)
+        no_status = ~_test_values(status, lambda a: pc.greater(pc.utf8_length(a), 0), n)  # null or ""
+    else:
+        closed = np.zeros(n, dtype=bool)
+        no_status = np.ones(n, dtype=bool)
+    if _has(sales, "state"):
+        state_closed = _test_values(_text(sales, "state", dictionary=True), lambda a: pc.equal(a, CLOSED_STATE), n)
+        closed |= no_status & state_closed
+    mask &= closed
+    position = _index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
+    return mask, sale_date, position
 
 
 def _amount_cents(sales: Frame) -> tuple[I64, npt.NDArray[np.bool_]]:
@@ -546,12 +616,6 @@ def sum_cents(position: I64, amount: I64, n: int, customer_ids: pd.Series) -> I6
             raise AmountOverflowError(sorted(customer_ids.astype("str").to_numpy()[over].tolist()))
     np.add.at(out, position, amount)  # integer adds: exact to the cent
     return out
-
-
-def _bools(arr: pa.Array | pa.ChunkedArray, n: int) -> npt.NDArray[np.bool_]:
-    """An Arrow boolean result as numpy, null as False."""
-    out = np.array(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
-    return out if len(out) == n else np.zeros(n, dtype=bool)
 
 
 def _ints(arr: pa.Array | pa.ChunkedArray, n: int) -> I64:

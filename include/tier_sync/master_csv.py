@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Sales columns read as dictionaries (Parquet's dictionary pages: indices, not millions of strings):
+# a handful of statuses and states, and customer ids (far fewer customers than sales).
+SALES_DICTIONARY = ("status", "state", "customer_id")
+
 MASTER_COLUMNS: tuple[str, ...] = (
     "Customer ID",
     "Customer Code",
@@ -87,13 +91,17 @@ def div_half_up(num: I64, den: I64) -> I64:
 
 def format_us_array(us: I64) -> np.ndarray[Any, np.dtype[np.object_]]:
     """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ` (the second floored); NaT as ""."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     us = np.asarray(us, dtype=np.int64)
-    seconds = pa.array(us // 1_000_000, type=pa.timestamp("s"), mask=us == NAT)  # naive: already UTC
-    text = pc.fill_null(pc.strftime(seconds, format="%Y-%m-%dT%H:%M:%SZ"), "")
-    return np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+    iso = np.datetime_as_string((us // 1_000_000).astype("datetime64[s]"), unit="s")
+    if iso.dtype != np.dtype("<U19"):  # a year outside 0000-9999: the plain way
+        text = np.char.add(iso, "Z").astype(object)
+    else:  # append the "Z" in place: the array's UTF-32 code units, one column more
+        codes = np.empty((len(us), 20), dtype=np.uint32)
+        codes[:, :19] = iso.view(np.uint32).reshape(len(us), 19)
+        codes[:, 19] = ord("Z")
+        text = codes.view("<U20").reshape(len(us)).astype(object)
+    text[us == NAT] = ""
+    return np.asarray(text, dtype=object)
 
 
 def _clean_text(col: pd.Series) -> pd.Series:
@@ -350,7 +358,7 @@ def compute_tiers(
         raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
 
     read_table = getattr(store, "read_table", None)
-    sales = read_table("sales") if callable(read_table) else store.read("sales")
+    sales = read_table("sales", dictionary=SALES_DICTIONARY) if callable(read_table) else store.read("sales")
     customers = store.read("customers")
     metrics = compute_customer_metrics(sales, customers, as_of, rules)
     del sales, customers

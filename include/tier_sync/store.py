@@ -434,13 +434,15 @@ class OrderStore:
         """Every stored version of the resource's records, one row per distinct (id, version)."""
         return self.read_table(resource).to_pandas(split_blocks=True, self_destruct=True)
 
-    def read_table(self, resource: str) -> pa.Table:
-        """As read(), as an Arrow table (row order is not meaningful)."""
+    def read_table(self, resource: str, *, dictionary: Sequence[str] = ()) -> pa.Table:
+        """As read(), as an Arrow table (row order is not meaningful). The text columns named in
+        `dictionary` come as dictionary arrays straight from Parquet's dictionary pages (a status
+        column of a few values costs indices, not millions of strings)."""
         _schema(resource)
         for attempt in range(_READ_ATTEMPTS):
             segs = self.manifest()["resources"][resource]["segments"]
             try:
-                return self._read_distinct(resource, segs)
+                return self._read_distinct(resource, segs, tuple(dictionary))
             except FileNotFoundError as exc:
                 # A compaction committed and deleted the segments we were about to read: reload.
                 if attempt == _READ_ATTEMPTS - 1:
@@ -449,18 +451,30 @@ class OrderStore:
                     raise StoreCorruptError(f"order store segment {missing} is missing: {RECOVERY}") from None
         raise AssertionError("unreachable")
 
-    def _read_distinct(self, resource: str, segs: Sequence[Mapping[str, Any]]) -> pa.Table:
+    def _read_distinct(
+        self, resource: str, segs: Sequence[Mapping[str, Any]], dictionary: tuple[str, ...] = ()
+    ) -> pa.Table:
         """Each segment is unique in (id, version), and segments with disjoint version ranges cannot
         share one, so only overlapping segments pay for the dedupe."""
         clean, overlapping = _split_overlapping(segs)
-        table = self._read_table(resource, clean)
+        table = self._read_table(resource, clean, dictionary)
         if overlapping:
-            table = pa.concat_tables([table, _dedupe_table(self._read_table(resource, overlapping))])
+            table = pa.concat_tables([table, _dedupe_table(self._read_table(resource, overlapping, dictionary))])
         return table
 
-    def _read_table(self, resource: str, segs: Sequence[Mapping[str, Any]]) -> pa.Table:
+    def _read_table(
+        self, resource: str, segs: Sequence[Mapping[str, Any]], dictionary: tuple[str, ...] = ()
+    ) -> pa.Table:
         """The segments as one table; StoreCorruptError naming a segment that cannot be read."""
         schema = _schema(resource)
+        fmt: Any = "parquet"
+        if dictionary:
+            for name in dictionary:
+                at = schema.get_field_index(name)
+                if at < 0 or schema.field(name).type != pa.string():
+                    raise StoreError(f"{resource}.{name} is not a text column of the order store")
+                schema = schema.set(at, schema.field(name).with_type(pa.dictionary(pa.int32(), pa.string())))
+            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(dictionary)))
         if not segs:
             return schema.empty_table()
         urls = [self.segment_url(resource, s["name"]) for s in segs]
@@ -468,12 +482,12 @@ class OrderStore:
             local = fileio.is_local(self.root)
             fs = None if local else fileio.filesystem(self.root)[0]
             paths = [fileio.local_path(u) if local else fileio.filesystem(u)[1] for u in urls]
-            return ds.dataset(paths, schema=schema, format="parquet", filesystem=fs).to_table()
+            return ds.dataset(paths, schema=schema, format=fmt, filesystem=fs).to_table()
         except (pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
             for seg in segs if len(segs) > 1 else ():
-                self._read_table(resource, [seg])  # raises, naming the culprit
+                self._read_table(resource, [seg], dictionary)  # raises, naming the culprit
             reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise StoreCorruptError(
                 f"order store segment {' or '.join(urls)} cannot be read ({reason}): {RECOVERY}"

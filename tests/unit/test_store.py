@@ -438,3 +438,22 @@ def test_huge_and_non_finite_amounts_are_malformed_records_not_overflow() -> Non
             sale_to_row(raw)
     # Just under the ceiling is stored exactly (plausibility is the engine's, configurable, call).
     assert sale_to_row(raw_sale("s", 1, amount="99999999999.99"))["amount_cents"] == 9_999_999_999_999
+
+
+def test_text_columns_can_be_read_as_dictionaries(store: OrderStore) -> None:
+    """compute_tiers reads status, state and customer_id as dictionaries: the same values, with the
+    overlapping segments' dedupe still applied; a column that is not text is refused."""
+    import pyarrow as pa
+
+    store.append("sales", sale_rows(("a", 1), ("b", 2)), cursor=2)
+    store.append("sales", sale_rows(("b", 2), ("c", 3)), cursor=3)  # overlaps: deduplicated
+    plain = store.read_table("sales")
+    coded = store.read_table("sales", dictionary=("status", "customer_id"))
+    assert pa.types.is_dictionary(coded.schema.field("status").type)
+    assert pa.types.is_dictionary(coded.schema.field("customer_id").type)
+    assert coded.schema.field("id").type == pa.string()
+    decoded = coded.cast(plain.schema)
+    assert sorted(decoded.to_pylist(), key=str) == sorted(plain.to_pylist(), key=str)
+    assert len(coded) == 3
+    with pytest.raises(StoreError, match="version is not a text column"):
+        store.read_table("sales", dictionary=("version",))
