@@ -394,6 +394,25 @@ class _Lookup:
         return _ints(pc.index_in(values, value_set=self.keys), len(values))
 
 
+# The int64 column `customer_positions` puts in place of a sales table's customer_id.
+CUSTOMER_POSITION = "_customer_position"
+
+
+def customer_positions(live_ids: pd.Series) -> Any:
+    """A function for OrderStore.read_table(each=...): a sales table with its customer_id column
+    replaced by the position of that customer among `live_ids` (-1: none, or not live), so the
+    store's millions of customer id strings never sit in memory at once. Pass the same live
+    customers to compute_customer_metrics (`live=`)."""
+    lookup = _Lookup(arrow_strings(live_ids))
+
+    def replace(table: pa.Table) -> pa.Table:
+        at = table.schema.get_field_index("customer_id")
+        position = pa.array(lookup(table.column("customer_id")), type=pa.int64())
+        return table.set_column(at, CUSTOMER_POSITION, position)
+
+    return replace
+
+
 def _index_in(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> I64:
     """For each value, the position of the equal key (keys are unique), -1 for null or absent.
     Fixed-width ids: by their 64-bit hashes, every match checked against the bytes; a
@@ -556,7 +575,12 @@ def _other_tests(
         state_closed = _test_values(_text(sales, "state", dictionary=True), lambda a: pc.equal(a, CLOSED_STATE), n)
         closed |= no_status & state_closed
     mask &= closed
-    position = _index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
+    if isinstance(sales, pa.Table) and CUSTOMER_POSITION in sales.column_names:  # customer_positions
+        position = np.asarray(sales.column(CUSTOMER_POSITION).to_numpy(), dtype=np.int64)
+        if len(position) and int(position.max()) >= len(customer_ids):
+            raise ValueError("sales' customer positions were taken against other live customers")
+    else:
+        position = _index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
     return mask, sale_date, position
 
 
@@ -636,7 +660,12 @@ def assign_tiers(
 
 
 def compute_customer_metrics(
-    sales: Frame, customers: pd.DataFrame, as_of: datetime | pd.Timestamp, rules: TierRules
+    sales: Frame,
+    customers: pd.DataFrame,
+    as_of: datetime | pd.Timestamp,
+    rules: TierRules,
+    *,
+    live: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per live customer at `as_of` (sorted by id) with exact CLV metrics and tier.
 
@@ -645,7 +674,7 @@ def compute_customer_metrics(
     implausible amount (`checked_sales`); bad amounts raise SaleAmountError / AmountOverflowError.
     """
     cut = as_of_us(as_of)
-    cust = live_customers(customers, as_of)
+    cust = live if live is not None else live_customers(customers, as_of)
     n = len(cust)
     ids = cust["id"].astype("str")
     pos, amount, sale_date, quarantined = checked_sales(sales, ids, as_of, rules)

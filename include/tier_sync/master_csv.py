@@ -17,7 +17,16 @@ import numpy as np
 import pandas as pd
 
 from include.tier_sync import fileio, ledger, spreadsheet
-from include.tier_sync.clv import I64, NAT, QUARANTINED_ATTR, US_PER_DAY, as_of_us, compute_customer_metrics
+from include.tier_sync.clv import (
+    I64,
+    NAT,
+    QUARANTINED_ATTR,
+    US_PER_DAY,
+    as_of_us,
+    compute_customer_metrics,
+    customer_positions,
+    live_customers,
+)
 from include.tier_sync.ledger import run_key
 from include.tier_sync.rules import ALL_TIERS, NO_TIER, TierRules
 from include.tier_sync.runtime import iso, to_utc
@@ -27,9 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Sales columns read as dictionaries (Parquet's dictionary pages: indices, not millions of strings):
-# a handful of statuses and states, and customer ids (far fewer customers than sales).
-SALES_DICTIONARY = ("status", "state", "customer_id")
+# Sales columns of a handful of values, read as dictionaries (Parquet's dictionary pages: indices,
+# not millions of strings); customer ids become positions as each segment is read.
+SALES_DICTIONARY = ("status", "state")
 
 MASTER_COLUMNS: tuple[str, ...] = (
     "Customer ID",
@@ -357,10 +366,14 @@ def compute_tiers(
     if run_key(as_of) != paths.key:
         raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
 
-    read_table = getattr(store, "read_table", None)
-    sales = read_table("sales", dictionary=SALES_DICTIONARY) if callable(read_table) else store.read("sales")
     customers = store.read("customers")
-    metrics = compute_customer_metrics(sales, customers, as_of, rules)
+    live = live_customers(customers, as_of)
+    read_table = getattr(store, "read_table", None)
+    if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
+        sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
+    else:
+        sales = store.read("sales")
+    metrics = compute_customer_metrics(sales, customers, as_of, rules, live=live)
     del sales, customers
 
     prev_url = previous_run_master(paths)

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -434,15 +434,24 @@ class OrderStore:
         """Every stored version of the resource's records, one row per distinct (id, version)."""
         return self.read_table(resource).to_pandas(split_blocks=True, self_destruct=True)
 
-    def read_table(self, resource: str, *, dictionary: Sequence[str] = ()) -> pa.Table:
+    def read_table(
+        self,
+        resource: str,
+        *,
+        dictionary: Sequence[str] = (),
+        each: Callable[[pa.Table], pa.Table] | None = None,
+    ) -> pa.Table:
         """As read(), as an Arrow table (row order is not meaningful). The text columns named in
         `dictionary` come as dictionary arrays straight from Parquet's dictionary pages (a status
-        column of a few values costs indices, not millions of strings)."""
+        column of a few values costs indices, not millions of strings). `each` is applied to every
+        piece read (a segment, or the deduplicated overlapping ones) before they are put together,
+        so a column can be replaced by something smaller while the rest is still being read; it
+        must return the same schema for every piece."""
         _schema(resource)
         for attempt in range(_READ_ATTEMPTS):
             segs = self.manifest()["resources"][resource]["segments"]
             try:
-                return self._read_distinct(resource, segs, tuple(dictionary))
+                return self._read_distinct(resource, segs, tuple(dictionary), each)
             except FileNotFoundError as exc:
                 # A compaction committed and deleted the segments we were about to read: reload.
                 if attempt == _READ_ATTEMPTS - 1:
@@ -452,20 +461,34 @@ class OrderStore:
         raise AssertionError("unreachable")
 
     def _read_distinct(
-        self, resource: str, segs: Sequence[Mapping[str, Any]], dictionary: tuple[str, ...] = ()
+        self,
+        resource: str,
+        segs: Sequence[Mapping[str, Any]],
+        dictionary: tuple[str, ...] = (),
+        each: Callable[[pa.Table], pa.Table] | None = None,
     ) -> pa.Table:
         """Each segment is unique in (id, version), and segments with disjoint version ranges cannot
         share one, so only overlapping segments pay for the dedupe."""
         clean, overlapping = _split_overlapping(segs)
+        if each is not None:
+            pieces = [self._read_table(resource, clean, dictionary, each)]
+            if overlapping:
+                pieces.append(each(_dedupe_table(self._read_table(resource, overlapping, dictionary))))
+            return pa.concat_tables(pieces)
         table = self._read_table(resource, clean, dictionary)
         if overlapping:
             table = pa.concat_tables([table, _dedupe_table(self._read_table(resource, overlapping, dictionary))])
         return table
 
     def _read_table(
-        self, resource: str, segs: Sequence[Mapping[str, Any]], dictionary: tuple[str, ...] = ()
+        self,
+        resource: str,
+        segs: Sequence[Mapping[str, Any]],
+        dictionary: tuple[str, ...] = (),
+        each: Callable[[pa.Table], pa.Table] | None = None,
     ) -> pa.Table:
-        """The segments as one table; StoreCorruptError naming a segment that cannot be read."""
+        """The segments as one table (with `each` applied to every batch as it is read: Arrow still
+        decodes ahead in parallel); StoreCorruptError naming a segment that cannot be read."""
         schema = _schema(resource)
         fmt: Any = "parquet"
         if dictionary:
@@ -476,13 +499,17 @@ class OrderStore:
                 schema = schema.set(at, schema.field(name).with_type(pa.dictionary(pa.int32(), pa.string())))
             fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(dictionary)))
         if not segs:
-            return schema.empty_table()
+            return each(schema.empty_table()) if each is not None else schema.empty_table()
         urls = [self.segment_url(resource, s["name"]) for s in segs]
         try:
             local = fileio.is_local(self.root)
             fs = None if local else fileio.filesystem(self.root)[0]
             paths = [fileio.local_path(u) if local else fileio.filesystem(u)[1] for u in urls]
-            return ds.dataset(paths, schema=schema, format=fmt, filesystem=fs).to_table()
+            dataset = ds.dataset(paths, schema=schema, format=fmt, filesystem=fs)
+            if each is None:
+                return dataset.to_table()
+            pieces = [each(pa.Table.from_batches([batch], schema=schema)) for batch in dataset.to_batches()]
+            return pa.concat_tables(pieces) if pieces else each(schema.empty_table())
         except (pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise

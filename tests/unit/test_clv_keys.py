@@ -195,3 +195,25 @@ def test_words_only_for_one_width_with_empty_nulls() -> None:
     values = pa.array([ids[3], None, ids[0], ids[1], "ffffffff-dead-4000-8000-000000000000"])
     assert clv._index_in(values, keys).tolist() == [2, -1, -1, 0, -1]
     assert clv._index_in(pa.array(["a", ids[2]]), keys).tolist() == [-1, 1]
+
+
+def test_customer_positions_taken_while_reading_give_the_same_metrics(tmp_path: Any) -> None:
+    """compute_tiers' path: the store's sales with customer ids replaced by positions as each piece
+    is read, and the live customers passed in; positions against other customers are refused."""
+    from include.tier_sync.store import OrderStore
+
+    customers, sales = random_store(seed=5)
+    store = OrderStore(tmp_path / "store")
+    half = len(sales) // 2
+    store.append("sales", table(sales[:half], SALES_SCHEMA), cursor=half)
+    store.append("sales", table(sales[half:], SALES_SCHEMA), cursor=len(sales))
+    cust = frame(customers, CUSTOMERS_SCHEMA)
+    rules = TierRules()
+    live = clv.live_customers(cust, AS_OF)
+    read = store.read_table("sales", dictionary=("status", "state"), each=clv.customer_positions(live["id"]))
+    assert clv.CUSTOMER_POSITION in read.column_names and "customer_id" not in read.column_names
+    fast = clv.compute_customer_metrics(read, cust, AS_OF, rules, live=live)
+    plain = clv.compute_customer_metrics(frame(sales, SALES_SCHEMA), cust, AS_OF, rules)
+    pd.testing.assert_frame_equal(fast, plain)
+    with pytest.raises(ValueError, match="other live customers"):
+        clv.compute_customer_metrics(read, cust, AS_OF, rules, live=live.iloc[:3])

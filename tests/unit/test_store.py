@@ -457,3 +457,24 @@ def test_text_columns_can_be_read_as_dictionaries(store: OrderStore) -> None:
     assert len(coded) == 3
     with pytest.raises(StoreError, match="version is not a text column"):
         store.read_table("sales", dictionary=("version",))
+
+
+def test_each_piece_can_be_transformed_as_it_is_read(store: OrderStore) -> None:
+    """read_table(each=...) sees every piece (the overlapping segments once, deduplicated) and
+    returns what it made of them: compute_tiers turns customer ids into positions that way."""
+    import pyarrow as pa
+
+    store.append("sales", sale_rows(("a", 1), ("b", 2)), cursor=2)
+    store.append("sales", sale_rows(("c", 3)), cursor=3)
+    store.append("sales", sale_rows(("c", 3), ("d", 4)), cursor=4)  # overlaps the one before
+    seen: list[int] = []
+
+    def tag(piece: pa.Table) -> pa.Table:
+        seen.append(piece.num_rows)
+        return piece.set_column(1, "customer_id", pa.array(["x"] * piece.num_rows))
+
+    table = store.read_table("sales", each=tag)
+    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c", "d"]
+    assert set(table.column("customer_id").to_pylist()) == {"x"}
+    assert sum(seen) == 4
+    assert store.read_table("sales", each=tag).num_rows == 4
