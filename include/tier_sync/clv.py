@@ -3,6 +3,8 @@
 Money stays in integer cents from the store to the CSV so no float can move a customer across a
 threshold. Everything is done with whole-array numpy/pandas operations: the store can hold millions
 of sale versions and the engine has to finish in seconds, so there is no per-customer Python loop.
+The sales may come as the store's Arrow table (compute_tiers: no pandas copy, customer ids already
+turned into positions by `customer_positions`); ids are grouped and looked up by `id_keys`.
 
 Decisions on points the rules leave open (see also docs/contracts.md "as-of view"):
 
@@ -37,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from include.tier_sync.id_keys import Lookup, index_in, repeated
 from include.tier_sync.money import format_cents
 from include.tier_sync.rules import (
     CLOSED_STATE,
@@ -200,200 +203,6 @@ def _id_strings(frame: Frame, rows: npt.ArrayLike) -> list[str]:
     return [str(v) for v in _text(frame, "id").take(pa.array(taken, type=pa.int64())).to_pylist()]
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-_U64 = np.dtype(np.uint64)
-
-
-class _Words:
-    """The non-null values of a text column whose values all have one byte length (Lightspeed ids
-    are 36-character UUIDs) as rows of 64-bit words, read in place from the Arrow buffers (a
-    strided view per chunk; the last word overlaps the one before when the length is not a
-    multiple of 8). Equal words <=> equal strings, so hashing and checking them is whole-array
-    numpy work instead of hashing millions of Python-visible strings."""
-
-    def __init__(self, parts: list[list[npt.NDArray[np.uint64]]], valid: npt.NDArray[np.bool_]) -> None:
-        self.parts = parts  # per chunk, one strided view per word column
-        self.valid = valid  # per row of the column
-        self.starts = np.cumsum([0] + [len(p[0]) for p in parts])  # valid-row number of each part
-        self.width = len(parts[0]) if parts else 0
-
-    @classmethod
-    def of(cls, arr: pa.Array | pa.ChunkedArray) -> _Words | None:
-        """None unless every non-null value has the same length (>= 8 bytes) and nulls are empty."""
-        chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
-        width = -1
-        parts: list[list[npt.NDArray[np.uint64]]] = []
-        valids: list[npt.NDArray[np.bool_]] = []
-        for chunk in chunks:
-            if pa.types.is_string(chunk.type):
-                offset_type: type[np.signedinteger[Any]] = np.int32
-            elif pa.types.is_large_string(chunk.type):
-                offset_type = np.int64
-            else:
-                return None
-            if len(chunk) == 0:
-                continue
-            _, offsets_buf, data_buf = chunk.buffers()
-            offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
-            lengths = np.diff(offsets)
-            if chunk.null_count == 0:
-                valid = np.ones(len(chunk), dtype=bool)
-            else:
-                valid = np.asarray(chunk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-            valids.append(valid)
-            rows = int(valid.sum())
-            if rows == 0:
-                continue
-            w = int(lengths[valid][0])
-            if w < 8 or (width >= 0 and w != width) or (lengths[valid] != w).any() or lengths[~valid].any():
-                return None
-            width = w
-            at = [8 * j for j in range(w // 8)] + ([w - 8] if w % 8 else [])
-            start = int(offsets[0])
-            parts.append(
-                [np.ndarray(shape=(rows,), dtype=_U64, buffer=data_buf, offset=start + o, strides=(w,)) for o in at]
-            )
-        if width < 0:
-            return None
-        return cls(parts, np.concatenate(valids))
-
-    def hashes(self) -> I64:
-        """A 64-bit hash of each valid row, in valid-row order (equal strings, equal hashes)."""
-        out = np.empty(int(self.starts[-1]), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for part, lo in zip(self.parts, self.starts, strict=False):
-                h = np.zeros(len(part[0]), dtype=np.uint64)
-                for word in part:
-                    h ^= word
-                    h *= _MIX
-                    h ^= h >> np.uint64(31)
-                out[lo : lo + len(h)] = h
-        return out.view(np.int64)
-
-    def rows(self, index: I64) -> npt.NDArray[np.uint64]:
-        """The words of the given valid-row numbers, in that order."""
-        ascending = bool((index[1:] >= index[:-1]).all())
-        order = None if ascending else np.argsort(index, kind="stable")
-        wanted = index if order is None else index[order]
-        out = np.empty((len(index), self.width), dtype=np.uint64)
-        bounds = np.searchsorted(wanted, self.starts)
-        for p, part in enumerate(self.parts):
-            lo, hi = int(bounds[p]), int(bounds[p + 1])
-            if hi > lo:
-                local = wanted[lo:hi] - self.starts[p]
-                for j, word in enumerate(part):
-                    out[lo:hi, j] = word[local]
-        if order is not None:
-            unsorted = np.empty_like(out)
-            unsorted[order] = out
-            return unsorted
-        return out
-
-    def match(self, other: npt.NDArray[np.uint64], position: I64) -> bool:
-        """Whether each valid row with `position` >= 0 equals row `position` of `other` (words of
-        the same width, e.g. `rows` of a small key column), compared in place, part by part."""
-        for part, lo in zip(self.parts, self.starts, strict=False):
-            at = position[lo : lo + len(part[0])]
-            hit = at >= 0
-            at = np.where(hit, at, 0)
-            for j, word in enumerate(part):
-                if not ((word == other[at, j]) | ~hit).all():
-                    return False
-        return True
-
-
-def _codes_exact(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, int]:
-    """Dense integer codes of a text column (-1 for null) and how many distinct values, by
-    Arrow's hash kernel on the strings themselves."""
-    encoded = pc.dictionary_encode(arr)
-    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
-    if not chunks:
-        return np.zeros(0, dtype=np.int64), 0
-    size = len(chunks[-1].dictionary)
-    if any(len(c.dictionary) != size for c in chunks):  # not one shared dictionary: be safe
-        codes, uniques = pd.factorize(arr.to_pandas())
-        return codes.astype(np.int64), len(uniques)
-    parts = [pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False) for c in chunks]
-    return np.concatenate(parts).astype(np.int64), size
-
-
-def _repeated(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, I64, int]:
-    """The rows whose (non-null) value occurs more than once, dense codes of their values among
-    them, and how many such values. Every other non-null row holds a value of its own.
-
-    Fixed-width ids: sort the 64-bit hashes (cheaper than hashing them again) and group only the
-    rows whose hash repeats, checking their bytes; in a daily store most ids have one version.
-    """
-    words = _Words.of(arr)
-    if words is not None:
-        h = words.hashes()
-        order = np.argsort(h)
-        ordered = h[order]
-        same = ordered[1:] == ordered[:-1]
-        if not same.any():
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
-        marked = np.zeros(len(h), dtype=bool)
-        marked[1:] = same
-        marked[:-1] |= same
-        cand = np.sort(order[marked])
-        del order, ordered, same, marked
-        codes, uniques = pd.factorize(h[cand])
-        codes = np.asarray(codes, dtype=np.int64)
-        ref = np.empty(len(uniques), dtype=np.int64)
-        ref[codes] = np.arange(len(codes), dtype=np.int64)
-        if bool((words.rows(cand) == words.rows(cand[ref[codes]])).all()):
-            return np.flatnonzero(words.valid)[cand], codes, len(uniques)
-        log.warning("id hash collision: using the exact string hash (slower)")
-    all_codes, size = _codes_exact(arr)
-    counts = np.bincount(all_codes[all_codes >= 0], minlength=size)
-    rows = np.flatnonzero((all_codes >= 0) & (counts[np.maximum(all_codes, 0)] > 1))
-    dense, uniques = pd.factorize(all_codes[rows])
-    return rows, np.asarray(dense, dtype=np.int64), len(uniques)
-
-
-class _Lookup:
-    """Positions of values among unique keys (the live customer ids), built once and applied to
-    a column or to each dictionary of a dictionary column."""
-
-    def __init__(self, keys: pa.Array | pa.ChunkedArray) -> None:
-        self.keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-        self.words = _Words.of(self.keys)
-        self.index: pd.Index | None = None
-        self.dense: npt.NDArray[np.uint64] | None = None
-        if self.words is not None and self.words.valid.all():
-            index = pd.Index(self.words.hashes())
-            if index.is_unique:
-                self.index = index
-                self.dense = self.words.rows(np.arange(len(index), dtype=np.int64))
-
-    def __call__(self, values: pa.Array | pa.ChunkedArray) -> I64:
-        """For each value, the position of the equal key, -1 for null or absent."""
-        chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
-        if any(pa.types.is_dictionary(c.type) for c in chunks):
-            parts = []
-            done: dict[tuple[int, ...], pa.Array] = {}  # the batches of one row group share its dictionary
-            for c in chunks:
-                if pa.types.is_dictionary(c.type):
-                    d = c.dictionary
-                    key = (d.offset, len(d), *(b.address if b is not None else 0 for b in d.buffers()))
-                    if key not in done:
-                        done[key] = pa.array(self(d))
-                    parts.append(_ints(pc.take(done[key], c.indices), len(c)))
-                else:
-                    parts.append(self(c))
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        vw = _Words.of(values)
-        same_width = vw is not None and self.words is not None and vw.width == self.words.width
-        if vw is not None and self.index is not None and self.dense is not None and same_width:
-            found = np.asarray(self.index.get_indexer(vw.hashes()), dtype=np.int64)
-            if vw.match(self.dense, found):
-                pos = np.full(len(vw.valid), -1, dtype=np.int64)
-                pos[vw.valid] = found
-                return pos
-            log.warning("id hash collision: using the exact string lookup (slower)")
-        return _ints(pc.index_in(values, value_set=self.keys), len(values))
-
-
 # The int64 column `customer_positions` puts in place of a sales table's customer_id.
 CUSTOMER_POSITION = "_customer_position"
 
@@ -403,7 +212,7 @@ def customer_positions(live_ids: pd.Series) -> Any:
     replaced by the position of that customer among `live_ids` (-1: none, or not live), so the
     store's millions of customer id strings never sit in memory at once. Pass the same live
     customers to compute_customer_metrics (`live=`)."""
-    lookup = _Lookup(arrow_strings(live_ids))
+    lookup = Lookup(arrow_strings(live_ids))
 
     def replace(table: pa.Table) -> pa.Table:
         at = table.schema.get_field_index("customer_id")
@@ -411,13 +220,6 @@ def customer_positions(live_ids: pd.Series) -> Any:
         return table.set_column(at, CUSTOMER_POSITION, position)
 
     return replace
-
-
-def _index_in(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> I64:
-    """For each value, the position of the equal key (keys are unique), -1 for null or absent.
-    Fixed-width ids: by their 64-bit hashes, every match checked against the bytes; a
-    dictionary column is looked up one dictionary at a time and taken by index."""
-    return _Lookup(keys)(values)
 
 
 def as_of_mask(df: Frame, as_of: datetime | pd.Timestamp) -> npt.NDArray[np.bool_]:
@@ -436,7 +238,7 @@ def as_of_mask(df: Frame, as_of: datetime | pd.Timestamp) -> npt.NDArray[np.bool
     eligible = created < cut  # NaT (int64 min) < cut: a missing created_at counts
     if ids.null_count:
         eligible &= np.asarray(pc.is_valid(ids).to_numpy(zero_copy_only=False), dtype=bool)
-    rows, codes, size = _repeated(ids)
+    rows, codes, size = repeated(ids)
     if len(rows) == 0:
         return eligible  # every id has one version: chosen whenever it existed at as_of
     # Ids with several versions: one ranking key, in which every "current" version (updated_at <
@@ -580,7 +382,7 @@ def _other_tests(
         if len(position) and int(position.max()) >= len(customer_ids):
             raise ValueError("sales' customer positions were taken against other live customers")
     else:
-        position = _index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
+        position = index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
     return mask, sale_date, position
 
 
@@ -640,12 +442,6 @@ def sum_cents(position: I64, amount: I64, n: int, customer_ids: pd.Series) -> I6
             raise AmountOverflowError(sorted(customer_ids.astype("str").to_numpy()[over].tolist()))
     np.add.at(out, position, amount)  # integer adds: exact to the cent
     return out
-
-
-def _ints(arr: pa.Array | pa.ChunkedArray, n: int) -> I64:
-    """An Arrow integer result as int64 numpy, null as -1."""
-    out = np.asarray(pc.fill_null(arr, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    return out if len(out) == n else np.full(n, -1, dtype=np.int64)
 
 
 def assign_tiers(

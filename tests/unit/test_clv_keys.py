@@ -1,7 +1,7 @@
 """The engine's fast paths give exactly the answers of the plain ones.
 
 Lightspeed ids are 36-character UUIDs, so the as-of view and the customer lookup hash their bytes
-as 64-bit words (`clv._Words`) instead of hashing strings, and compute_tiers hands the engine the
+as 64-bit words (`id_keys.Words`) instead of hashing strings, and compute_tiers hands the engine the
 store's Arrow table instead of a DataFrame. Here a random store with every as-of case (several
 versions, edits after as_of, records created after as_of, the same (id, version) twice, null and
 unknown customer ids) is run through the fast path, the Arrow input, the generic path (ids of
@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from include.tier_sync import clv
+from include.tier_sync import clv, id_keys
 from include.tier_sync.rules import TierRules
 from include.tier_sync.store import CUSTOMERS_SCHEMA, SALES_SCHEMA
 
@@ -141,7 +141,7 @@ def renamed(rows: list[dict[str, Any]], columns: tuple[str, ...], names: dict[st
 
 def test_the_fixed_width_view_is_the_contracts_view() -> None:
     customers, sales = random_store()
-    assert clv._Words.of(pa.array([r["id"] for r in sales])) is not None  # the fast path is taken
+    assert id_keys.Words.of(pa.array([r["id"] for r in sales])) is not None  # the fast path is taken
     for rows, schema in ((customers, CUSTOMERS_SCHEMA), (sales, SALES_SCHEMA)):
         expected = reference_view(rows)
         assert set(np.flatnonzero(clv.as_of_mask(frame(rows, schema), AS_OF))) == expected
@@ -162,7 +162,7 @@ def test_arrow_input_fast_path_generic_path_and_a_collision_agree(
     ids = sorted({r["id"] for r in customers} | {r["id"] for r in sales} | {"ffffffff-dead-4000-8000-000000000000"})
     short = {old: f"x{n}" for n, old in enumerate(ids)}
     back = {v: k for k, v in short.items()}
-    assert clv._Words.of(pa.array(list(short.values()))) is None
+    assert id_keys.Words.of(pa.array(list(short.values()))) is None
     generic = clv.compute_customer_metrics(
         frame(renamed(sales, ("id", "customer_id"), short), SALES_SCHEMA),
         frame(renamed(customers, ("id",), short), CUSTOMERS_SCHEMA),
@@ -174,8 +174,8 @@ def test_arrow_input_fast_path_generic_path_and_a_collision_agree(
     pd.testing.assert_frame_equal(generic, fast, check_dtype=False)
 
     # Every id hashing alike: the byte check catches it and the exact path answers the same.
-    monkeypatch.setattr(clv._Words, "hashes", lambda self: np.zeros(int(self.starts[-1]), dtype=np.int64))
-    with caplog.at_level(logging.WARNING, logger="include.tier_sync.clv"):
+    monkeypatch.setattr(id_keys.Words, "hashes", lambda self: np.zeros(int(self.starts[-1]), dtype=np.int64))
+    with caplog.at_level(logging.WARNING, logger="include.tier_sync.id_keys"):
         collided = clv.compute_customer_metrics(
             table(sales, SALES_SCHEMA), frame(customers, CUSTOMERS_SCHEMA), AS_OF, rules
         )
@@ -185,16 +185,16 @@ def test_arrow_input_fast_path_generic_path_and_a_collision_agree(
 
 def test_words_only_for_one_width_with_empty_nulls() -> None:
     ids = [_uuid(1, i) for i in range(5)]
-    words = clv._Words.of(pa.chunked_array([pa.array(ids[:2]), pa.array([None, *ids[2:]])]))
+    words = id_keys.Words.of(pa.chunked_array([pa.array(ids[:2]), pa.array([None, *ids[2:]])]))
     assert words is not None and words.valid.tolist() == [True, True, False, True, True, True]
     assert len(set(words.hashes().tolist())) == 5
-    assert clv._Words.of(pa.array(["abcdefgh", "abcdefghi"])) is None  # two widths
-    assert clv._Words.of(pa.array(["short", "other"])) is None  # under one word
+    assert id_keys.Words.of(pa.array(["abcdefgh", "abcdefghi"])) is None  # two widths
+    assert id_keys.Words.of(pa.array(["short", "other"])) is None  # under one word
     # The lookup: nulls, unknown ids and a key of another width all come back -1 or exact.
     keys = pa.array(ids[1:4])
     values = pa.array([ids[3], None, ids[0], ids[1], "ffffffff-dead-4000-8000-000000000000"])
-    assert clv._index_in(values, keys).tolist() == [2, -1, -1, 0, -1]
-    assert clv._index_in(pa.array(["a", ids[2]]), keys).tolist() == [-1, 1]
+    assert id_keys.index_in(values, keys).tolist() == [2, -1, -1, 0, -1]
+    assert id_keys.index_in(pa.array(["a", ids[2]]), keys).tolist() == [-1, 1]
 
 
 def test_customer_positions_taken_while_reading_give_the_same_metrics(tmp_path: Any) -> None:
