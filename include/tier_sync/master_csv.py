@@ -371,6 +371,10 @@ def compute_tiers(
     read_table = getattr(store, "read_table", None)
     if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
         sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
+        import pyarrow as pa
+
+        # The batches' customer id strings are gone: hand their memory back before the engine runs.
+        pa.default_memory_pool().release_unused()
     else:
         sales = store.read("sales")
     metrics = compute_customer_metrics(sales, customers, as_of, rules, live=live)

@@ -85,6 +85,9 @@ MANIFEST_FORMAT = "tier_sync.order_store/1"
 # zstd: about half the bytes of snappy on these columns and still decodes 5M rows in well under a second.
 _COMPRESSION = "zstd"
 _READ_ATTEMPTS = 3
+# read_table(each=...): one segment at a time, a few batches decoded ahead (Arrow's defaults keep
+# 4 files and 16 batches in flight: hundreds of MB of strings about to be replaced anyway).
+_STREAM: dict[str, int] = {"fragment_readahead": 1, "batch_readahead": 4}
 RECOVERY = "trigger the DAG with full_refresh=true to rebuild the store from Lightspeed"
 
 
@@ -508,7 +511,7 @@ class OrderStore:
             dataset = ds.dataset(paths, schema=schema, format=fmt, filesystem=fs)
             if each is None:
                 return dataset.to_table()
-            pieces = [each(pa.Table.from_batches([batch], schema=schema)) for batch in dataset.to_batches()]
+            pieces = [each(pa.Table.from_batches([batch], schema=schema)) for batch in dataset.to_batches(**_STREAM)]
             return pa.concat_tables(pieces) if pieces else each(schema.empty_table())
         except (pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
