@@ -75,7 +75,7 @@ class RecheckUnreliable(LightspeedUnavailable):
 class GroupDeletedError(LightspeedError):
     """The batch's target group was deleted in the POS after the plan: a retry cannot help, a re-plan can.
 
-    `tasks._fail_if_permanent` fails the task at once (AirflowFailException, no retries).
+    The DAG's retry policy (`retry_rules.py`) fails the task at once: no retry.
     """
 
     def __init__(self, group_name: str, group_id: str) -> None:
