@@ -473,15 +473,11 @@ class OrderStore:
         """Each segment is unique in (id, version), and segments with disjoint version ranges cannot
         share one, so only overlapping segments pay for the dedupe."""
         clean, overlapping = _split_overlapping(segs)
-        if each is not None:
-            pieces = [self._read_table(resource, clean, dictionary, each)]
-            if overlapping:
-                pieces.append(each(_dedupe_table(self._read_table(resource, overlapping, dictionary))))
-            return pa.concat_tables(pieces)
-        table = self._read_table(resource, clean, dictionary)
-        if overlapping:
-            table = pa.concat_tables([table, _dedupe_table(self._read_table(resource, overlapping, dictionary))])
-        return table
+        table = self._read_table(resource, clean, dictionary, each)
+        if not overlapping:
+            return table
+        deduped = _dedupe_table(self._read_table(resource, overlapping, dictionary))
+        return pa.concat_tables([table, each(deduped) if each is not None else deduped])
 
     def _read_table(
         self,

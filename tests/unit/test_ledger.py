@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import threading
@@ -34,9 +35,10 @@ def good_store(n: int = 40) -> FakeStore:
     return FakeStore(sales_df(*sales), customers_df(*customers))
 
 
-def history_days(data_dir: Path) -> list[str]:
-    with (data_dir / ledger.HISTORY_FILE).open(newline="", encoding="utf-8-sig") as fh:
-        return sorted({row["as_of"] for row in csv.DictReader(fh)})
+def history_days(data_dir: Path | str) -> list[str]:
+    """The days tier_history.csv holds, for a local data dir or an object-storage URL."""
+    text = fileio.read_text(fileio.join(str(data_dir), ledger.HISTORY_FILE)).lstrip("\ufeff")
+    return sorted({row["as_of"] for row in csv.DictReader(io.StringIO(text))})
 
 
 # -- future dates -------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ back-fills could each rewrite tier_history.csv and one day's rows were lost.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import threading
@@ -24,7 +22,7 @@ from include.tier_sync import fileio, ledger, object_lock
 from include.tier_sync.ledger import RunPaths
 from include.tier_sync.master_csv import compute_tiers, publish_run
 from include.tier_sync.runtime import iso
-from tests.unit.test_ledger import AS_OF, DAY, good_store
+from tests.unit.test_ledger import AS_OF, DAY, good_store, history_days
 from tests.unit.test_master_csv import RULES, identity
 from tests.unit.test_store_s3 import s3_endpoint, s3_root  # noqa: F401 (fixtures)
 
@@ -100,11 +98,6 @@ def test_a_holder_whose_lease_was_taken_over_fails_loudly(lock_url: str) -> None
         fileio.write_bytes_if(lock_url, json.dumps({"token": "other"}).encode(), etag=tag)
         time.sleep(0.5)  # the next renewal finds the object is no longer ours
     assert json.loads(fileio.read_bytes(lock_url))["token"] == "other"  # theirs is left alone
-
-
-def history_days(data_dir: str) -> list[str]:
-    text = fileio.read_text(fileio.join(data_dir, ledger.HISTORY_FILE)).lstrip("\ufeff")
-    return sorted({row["as_of"] for row in csv.DictReader(io.StringIO(text))})
 
 
 @pytest.fixture
