@@ -147,7 +147,9 @@ def test_server_errors_are_retried_and_counted(demo_store_json: str, tmp_path: P
 def test_rate_limited_extraction_reports_429s(demo_store_json: str, tmp_path: Path) -> None:
     sim_store = sim_pkg.SimStore.loads(demo_store_json)
     store = OrderStore(tmp_path / "store")
-    with running_simulator(store=sim_store, clock=clock_after(NOW), token=TOKEN, page_cap=200, rate_limit=3, window_seconds=1) as sim:
+    with running_simulator(store=sim_store, clock=clock_after(NOW), token=TOKEN, page_cap=200, rate_limit=2, window_seconds=3) as sim:
+        # 2 requests per 3 s: the third page request follows the first two within milliseconds, so
+        # the limit is hit however slow the machine is (1 request per 1/3 s was not, under load).
         client = make_client(sim, low_remaining_fraction=0)
         result = extract_orders(client, store)
         limited = sum(1 for r in sim.requests if r.status == 429)
