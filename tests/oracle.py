@@ -107,3 +107,60 @@ def expected_final_groups(
         else:
             out[cid] = GROUPS[expected.tier]
     return out
+
+
+UNFINISHED = {"VOIDED": "voided", "SAVED": "parked", "LAYBY": "layby_open", "ONACCOUNT": "on_account_open"}
+
+
+def _before(value: datetime | None, as_of: datetime) -> bool:
+    return value is None or value < as_of
+
+
+def expected_sales(
+    versions: list[dict[str, Any]], customer_id: str, as_of: datetime, max_cents: int = 100_000_000
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(counting, not counting) of one customer's sales as (sale id, reason), newest sale date first
+    (equal dates by id, undated last), read plainly off tier-rules.md from the store's rows
+    (datetimes, `amount_cents`): every version of every sale the customer ever owned."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for v in versions:
+        by_id.setdefault(str(v["id"]), []).append(v)
+    counting: list[tuple[datetime | None, str, str]] = []
+    not_counting: list[tuple[datetime | None, str, str]] = []
+    for sid, vs in by_id.items():
+        existed = [v for v in vs if _before(v.get("created_at"), as_of)]
+        if not existed:
+            newest = max(vs, key=lambda v: v["version"])
+            if newest.get("customer_id") == customer_id:
+                not_counting.append((newest.get("sale_date"), sid, "recorded_after_as_of"))
+            continue
+        current = [v for v in existed if _before(v.get("updated_at"), as_of)]
+        seen = max(current, key=lambda v: v["version"]) if current else min(existed, key=lambda v: v["version"])
+        if seen.get("customer_id") != customer_id:
+            continue
+        status, when, amount = seen.get("status"), seen.get("sale_date"), seen.get("amount_cents")
+        deleted = seen.get("deleted_at")
+        if deleted is not None and deleted < as_of:
+            reason = "deleted"
+        elif when is None:
+            reason = "no_sale_date"
+        elif when >= as_of:
+            reason = "after_as_of"
+        elif not (status in CLOSED or (not status and seen.get("state") == "closed")):
+            reason = UNFINISHED.get(str(status), "not_finished")
+        elif amount is None:
+            reason = "no_amount"
+        elif abs(int(amount)) >= max_cents:
+            reason = "implausible_amount"
+        else:
+            kind = "purchase" if amount > 0 else "return" if amount < 0 else "zero"
+            counting.append((when, sid, kind))
+            continue
+        not_counting.append((when, sid, reason))
+
+    def order(items: list[tuple[datetime | None, str, str]]) -> list[tuple[str, str]]:
+        dated = sorted((i for i in items if i[0] is not None), key=lambda i: (-i[0].timestamp(), i[1]))
+        undated = sorted((i for i in items if i[0] is None), key=lambda i: i[1])
+        return [(sid, reason) for _, sid, reason in [*dated, *undated]]
+
+    return order(counting), order(not_counting)

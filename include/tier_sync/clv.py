@@ -302,7 +302,7 @@ def checked_sales(
     """
     rows, position, amount, sale_date = _qualifying(sales, customer_ids, as_of)
     bound = rules.max_sale_amount_cents
-    implausible = (amount >= bound) | (amount <= -bound)  # not np.abs: it overflows at int64 min
+    implausible = implausible_amounts(amount, rules)
     if not implausible.any():
         return position, amount, sale_date, []
     ids = sorted(_id_strings(sales, rows[implausible]))
@@ -322,6 +322,12 @@ def checked_sales(
     )
     keep = ~implausible
     return position[keep], amount[keep], sale_date[keep], ids
+
+
+def implausible_amounts(amount: I64, rules: TierRules) -> npt.NDArray[np.bool_]:
+    """Amounts at or beyond `max_sale_amount_cents` either way (not np.abs: it overflows at int64 min)."""
+    bound = rules.max_sale_amount_cents
+    return np.asarray((amount >= bound) | (amount <= -bound), dtype=bool)
 
 
 def _qualifying(
@@ -357,11 +363,38 @@ def _other_tests(
 ) -> tuple[npt.NDArray[np.bool_], I64, I64]:
     """Which sales pass every test but the as-of view (not deleted, dated before the cut-off,
     finished), their sale_date us and their customer's position (-1: none or unknown)."""
+    mask = not_deleted(sales, cut)  # the sales can be millions of rows: few whole columns at once
+    dated, sale_date = dated_before(sales, cut)
+    mask &= dated
+    del dated
+    mask &= finished(sales)
+    if isinstance(sales, pa.Table) and CUSTOMER_POSITION in sales.column_names:  # customer_positions
+        position = np.asarray(sales.column(CUSTOMER_POSITION).to_numpy(), dtype=np.int64)
+        if len(position) and int(position.max()) >= len(customer_ids):
+            raise ValueError("sales' customer positions were taken against other live customers")
+    else:
+        position = index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
+    return mask, sale_date, position
+
+
+# The tests of "Which sales count" one by one (tier-rules.md), also read by the page's list of a
+# customer's sales (dashboard_customer.py), which says which test a sale failed.
+
+
+def not_deleted(sales: Frame, cut: int) -> npt.NDArray[np.bool_]:
+    """Not deleted at the cut-off: no `deleted_at`, or one at or after it."""
     deleted_at = timestamps_us(sales, "deleted_at")
-    mask = (deleted_at == NAT) | (deleted_at >= cut)
-    del deleted_at  # the sales can be millions of rows: keep few whole columns alive at once
+    return np.asarray((deleted_at == NAT) | (deleted_at >= cut), dtype=bool)
+
+
+def dated_before(sales: Frame, cut: int) -> tuple[npt.NDArray[np.bool_], I64]:
+    """Which sales have a `sale_date` before the cut-off, and every sale_date (us, `NAT` if none)."""
     sale_date = timestamps_us(sales, "sale_date")
-    mask &= (sale_date != NAT) & (sale_date < cut)
+    return np.asarray((sale_date != NAT) & (sale_date < cut), dtype=bool), sale_date
+
+
+def finished(sales: Frame) -> npt.NDArray[np.bool_]:
+    """A closed status (`CLOSED_STATUSES`), or no status and the state `closed`."""
     n = len(sales)
     if _has(sales, "status"):
         status = _text(sales, "status", dictionary=True)
@@ -374,14 +407,7 @@ def _other_tests(
     if _has(sales, "state"):
         state_closed = _test_values(_text(sales, "state", dictionary=True), lambda a: pc.equal(a, CLOSED_STATE), n)
         closed |= no_status & state_closed
-    mask &= closed
-    if isinstance(sales, pa.Table) and CUSTOMER_POSITION in sales.column_names:  # customer_positions
-        position = np.asarray(sales.column(CUSTOMER_POSITION).to_numpy(), dtype=np.int64)
-        if len(position) and int(position.max()) >= len(customer_ids):
-            raise ValueError("sales' customer positions were taken against other live customers")
-    else:
-        position = index_in(_text(sales, "customer_id", dictionary=True), arrow_strings(customer_ids))
-    return mask, sale_date, position
+    return closed
 
 
 def _amount_cents(sales: Frame) -> tuple[I64, npt.NDArray[np.bool_]]:

@@ -292,6 +292,9 @@ def customer(data_dir: str, customer_id: str, rules: TierRules | None = None) ->
         {k: entry[k] for k in ("drops_after", "drops_to", "days_left", "method")} if entry else None
     )
     out["explanation"] = _explanation(data_dir, master, r, rules)
+    from include.tier_sync.dashboard_customer_runs import customer_runs
+
+    out["runs"] = customer_runs(data_dir, customer_id, out["tier"])
     return out
 
 

@@ -91,19 +91,14 @@ def _scan_sales(urls: list[str], columns: list[str] | None, key: str, values: An
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-def purchase_dates(
-    data_dir: str, ids: list[str], as_of: datetime, rules: TierRules
-) -> dict[str, list[int]] | None:
-    """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`.
-
-    Reads only the sales of these customers from the order store: every version of every sale one
-    of them ever owned (so the engine's as-of view picks the same version it did, even for a sale
-    moved between customers). None when the store cannot be read.
-    """
+def customer_sales(data_dir: str, ids: list[str]) -> Any:
+    """Every stored version of every sale one of these customers ever owned (an Arrow table), so
+    the engine's as-of view picks the same version it did, even for a sale moved between
+    customers. Reads only those sales from the order store. None when the store cannot be read
+    or holds no sales."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from include.tier_sync.clv import checked_sales
     from include.tier_sync.store import SALES, OrderStore
 
     root = fileio.join(data_dir, STORE_DIR)
@@ -115,13 +110,25 @@ def purchase_dates(
         urls = [store.segment_url(SALES, s["name"]) for s in segs]
         owned = _scan_sales(urls, ["id"], "customer_id", pa.array(ids, type=pa.string()))
         sale_ids = pc.unique(owned.column("id"))
-        table = _scan_sales(urls, None, "id", sale_ids) if len(sale_ids) else owned
+        return _scan_sales(urls, None, "id", sale_ids)
     except Exception as exc:  # a missing/compacted segment, no store at all, a bad manifest
-        log.warning("Dashboard: order store %s not readable for at-risk dates: %s", root, exc)
+        log.warning("Dashboard: order store %s not readable for customers' sales: %s", root, exc)
         return None
-    if not len(sale_ids):
+
+
+def purchase_dates(
+    data_dir: str, ids: list[str], as_of: datetime, rules: TierRules
+) -> dict[str, list[int]] | None:
+    """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`,
+    from `customer_sales`. None when the store cannot be read."""
+    table = customer_sales(data_dir, ids)
+    if table is None:
+        return None
+    if not table.num_rows:
         return {cid: [] for cid in ids}
     import pandas as pd
+
+    from include.tier_sync.clv import checked_sales
 
     sales = table.to_pandas()
     del table

@@ -41,7 +41,12 @@ log = logging.getLogger(__name__)
 
 URL_PREFIX = "/loyalty-tiers"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css", "icon.svg": "image/svg+xml"}
+STATIC_FILES = {
+    "app.js": "text/javascript",
+    "customer.js": "text/javascript",
+    "app.css": "text/css",
+    "icon.svg": "image/svg+xml",
+}
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -208,6 +213,33 @@ def api_search(
 def api_customer(customer_id: str, lookup: Annotated[CustomerLookup, Depends(_detail_lookup)]) -> JSONResponse:
     found = dashboard.customer(_data_dir(), customer_id, rules=dashboard.resolve_rules())
     lookup.record("customer", [customer_id] if found is not None else [], total=0 if found is None else 1)
+    if found is None:
+        raise HTTPException(status_code=404, detail="No such customer in the latest master CSV")
+    return _json(found)
+
+
+def _sales_lookup(request: Request, user: User) -> CustomerLookup:
+    return customer_lookup(request, user, "customer_sales")
+
+
+@app.get("/api/customers/{customer_id}/sales")
+def api_customer_sales(
+    customer_id: str,
+    lookup: Annotated[CustomerLookup, Depends(_sales_lookup)],
+    counting: bool = True,
+    page: Annotated[int, Query(ge=1)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=dashboard.MAX_PAGE)] = 25,
+) -> JSONResponse:
+    """One page of the customer's sales that count (or, counting=false, that do not, and why)."""
+    from include.tier_sync.dashboard_customer import SalesUnavailable, sales
+
+    try:
+        found = sales(_data_dir(), customer_id, dashboard.resolve_rules(), counting=counting, page=page,
+                      per_page=per_page)
+    except SalesUnavailable as exc:
+        lookup.record("customer_sales", [])
+        raise HTTPException(status_code=503, detail=f"The customer's sales cannot be listed: {exc}") from exc
+    lookup.record("customer_sales", [customer_id] if found is not None else [], total=0 if found is None else 1)
     if found is None:
         raise HTTPException(status_code=404, detail="No such customer in the latest master CSV")
     return _json(found)

@@ -1,4 +1,5 @@
-"""The run's ``sync_plan/`` folder: batch files, ``plan.json``, ``expected_members.json``.
+"""The run's ``sync_plan/`` folder: batch files, ``plan.json``, ``expected_members.json``,
+``left_alone.json``.
 
 Batches are files; XCom carries only small refs (`BatchRef`). One batch targets one group and
 holds up to ``calls_per_batch`` membership calls of <= 100 ids; the batch size grows so that a
@@ -30,12 +31,15 @@ from include.tier_sync.sync.contracts import (
     BatchRef,
     ExpectedMembers,
     FeedView,
+    LeftAlone,
+    LeftAloneEntry,
     PlanDoc,
     PlanGroupMembers,
     batch_file_from_json,
     expected_members_from_json,
     expected_members_to_json,
     feed_view_from_json,
+    left_alone_from_json,
     plan_doc_from_json,
     plan_group_members_from_json,
 )
@@ -57,6 +61,7 @@ PLAN_FORMAT = "tier-sync-plan/1"
 PLAN_FILE = "plan.json"
 EXPECTED_MEMBERS_FILE = "expected_members.json"
 GROUP_MEMBERS_FILE = "tier_group_members.json"
+LEFT_ALONE_FILE = "left_alone.json"
 FEED_VIEW_PATTERN = "feed-{plan_id}-{to:020d}.json"  # the newest per plan is the one read
 BATCH_FILE_PATTERN = "batch-{index:04d}.json"
 BATCH_SUFFIX = ".json"
@@ -84,6 +89,10 @@ def expected_members_path(paths: RunPaths) -> str:
 
 def group_members_path(paths: RunPaths) -> str:
     return fileio.join(paths.run_sync_plan_dir, GROUP_MEMBERS_FILE)
+
+
+def left_alone_path(paths: RunPaths) -> str:
+    return fileio.join(paths.run_sync_plan_dir, LEFT_ALONE_FILE)
 
 
 def plan_dir_of(ref: str) -> str:
@@ -249,6 +258,24 @@ def write_expected_members(plan: Plan, paths: RunPaths) -> str:
     target = expected_members_path(paths)
     fileio.write_json(target, expected_members_to_json(plan.expected_members))
     return target
+
+
+def write_left_alone(plan: Plan, paths: RunPaths, plan_id: str, groups: GroupMap) -> str:
+    """Who the plan leaves alone and why (protected, deleted, ...), ids only, next to plan.json."""
+    target = left_alone_path(paths)
+    customers: dict[str, LeftAloneEntry] = {
+        cid: {"why": why, "group_id": gid, "group": groups.label(gid) if gid is not None else None}
+        for cid, (why, gid) in sorted(plan.left_alone.items())
+    }
+    doc: LeftAlone = {"format_version": FORMAT_VERSION, "plan_id": plan_id, "customers": customers}
+    fileio.write_json(target, doc)
+    return target
+
+
+def read_left_alone(paths: RunPaths) -> LeftAlone | None:
+    """`left_alone.json`, or None for a plan written before it existed."""
+    target = left_alone_path(paths)
+    return left_alone_from_json(fileio.read_json(target), target)
 
 
 def write_group_members(

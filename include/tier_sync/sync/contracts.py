@@ -7,6 +7,7 @@
 | `BatchRef`       | XCom of plan_sync (and `PlanDoc.refs`)           | plan_sync             | mapped sync_batch           |
 | `BatchResult`    | `batch-NNNN.result.json` and sync_batch's XCom   | sync_batch            | sync log, group check       |
 | `ExpectedMembers`| `runs/<key>/sync_plan/expected_members.json`     | plan_sync             | verify_group_counts         |
+| `LeftAlone`      | `runs/<key>/sync_plan/left_alone.json`           | plan_sync             | the page's customer view    |
 | `GroupCheck`     | `runs/<key>/group_check.json` and its XCom       | verify_group_counts   | write_sync_log              |
 | `SyncLog`        | `runs/<key>/tier_sync_log.json` (+ the latest)   | write_sync_log        | people, the dashboard       |
 
@@ -244,6 +245,9 @@ class BatchResult(TypedDict):
     moves_applied: dict[str, int]
     changed_in_pos_ids: list[str]
     deleted_ids: list[str]
+    # skipped because already in the target group (a person did it); absent in older files, which
+    # only counted them (skip_reasons["already_in_target"])
+    already_in_target_ids: list[str]
     error_details: list[ErrorDetail]
     api: ApiCounts
     error: NotRequired[str]
@@ -267,7 +271,7 @@ def batch_result_from_json(raw: Mapping[str, Any], where: str) -> BatchResult:
         out[key] = int(raw.get(key) or 0)
     for key in ("skip_reasons", "moves_applied"):
         out[key] = dict(raw.get(key) or {})
-    for key in ("changed_in_pos_ids", "deleted_ids", "error_details"):
+    for key in ("changed_in_pos_ids", "deleted_ids", "already_in_target_ids", "error_details"):
         out[key] = list(raw.get(key) or [])
     out["api"] = sum_api(raw.get("api"))
     return cast("BatchResult", out)
@@ -289,6 +293,31 @@ def expected_members_from_json(raw: Any, where: str) -> ExpectedMembers | None:
         return None
     format_version_of(raw, where)
     return {str(tier): [str(c) for c in ids] for tier, ids in raw.items() if tier != "format_version"}
+
+
+class LeftAloneEntry(TypedDict):
+    why: str  # protected | deleted | missing | deferred_by_limit | left_out_by_approval
+    group_id: str | None  # the customer's live group at plan time
+    group: str | None  # its label (GroupMap.label: a tier, or the group's name such as "Staff")
+
+
+class LeftAlone(TypedDict):
+    """`sync_plan/left_alone.json`: the customers the plan left alone for a reason the master
+    cannot tell (no_tier and unchanged customers are not listed), read by the page's customer view."""
+
+    format_version: NotRequired[int]
+    plan_id: str
+    customers: dict[str, LeftAloneEntry]  # customer id -> why
+
+
+def left_alone_from_json(raw: Any, where: str) -> LeftAlone | None:
+    if not isinstance(raw, dict):
+        return None
+    format_version_of(raw, where)
+    customers = raw.get("customers")
+    if not isinstance(customers, dict) or not all(isinstance(v, dict) and "why" in v for v in customers.values()):
+        raise ValueError(f"{where} is not a left-alone file (customers: {{id: {{why, group_id, group}}}} needed)")
+    return cast("LeftAlone", {**raw, "plan_id": str(raw.get("plan_id"))})
 
 
 class PlanGroupMembers(TypedDict):

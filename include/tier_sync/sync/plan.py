@@ -105,6 +105,10 @@ class Plan:
     expected_members: dict[str, list[str]] = field(default_factory=dict)
     # What an "upgrades only" approval left out of this plan (None: nothing was left out).
     left_out: dict[str, Any] | None = None
+    # Customer id -> (why, current group id) of every customer the plan leaves alone for a reason
+    # the master cannot tell: protected, deleted, missing, deferred_by_limit, left_out_by_approval
+    # (sync_plan/left_alone.json, what the page's customer view reads).
+    left_alone: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @property
     def changes(self) -> list[Move]:
@@ -160,10 +164,13 @@ class Plan:
             "reasserts": sum(1 for m in dropped if not m.is_change),
             "moves": dict(sorted(Counter(m.key for m in dropped).items())),
         }
+        alone = dict(self.left_alone)
+        alone.update({m.customer_id: ("left_out_by_approval", m.from_group_id) for m in dropped})
         return replace(
             self,
             moves=kept,
             left_out=left_out,
+            left_alone=alone,
             expected_members={tier: sorted(ids) for tier, ids in expected.items()},
         )
 
@@ -266,10 +273,13 @@ def plan_moves(
     counts = Counter[str]()
     moves: list[Move] = []
     expected: dict[str, list[str]] = {t: [] for t in TIERS}
+    alone: dict[str, tuple[str, str | None]] = {}
     for cid, tier in zip(ids, tiers, strict=True):
         state = live.get(cid)
         fate = _fate(state, tier, groups)
         counts[fate] += 1
+        if fate in ("protected", "deleted", "missing"):
+            alone[cid] = (fate, state[0] if state is not None else None)
         if fate != "managed" or state is None:
             continue
         group_id = state[0]
@@ -285,6 +295,7 @@ def plan_moves(
     deferred = 0
     if limit is not None and len(moves) > limit:
         deferred = len(moves) - limit
+        alone.update({m.customer_id: ("deferred_by_limit", m.from_group_id) for m in moves[limit:]})
         moves = moves[:limit]
     breakdown = Counter(tiers)
     plan = Plan(
@@ -301,6 +312,7 @@ def plan_moves(
         force_resync=force_resync,
         limit=limit,
         expected_members={t: sorted(v) for t, v in expected.items()},
+        left_alone=alone,
     )
     _log_plan(plan)
     return plan

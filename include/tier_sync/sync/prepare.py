@@ -18,6 +18,7 @@ from include.tier_sync.sync.batches import (
     write_batches,
     write_expected_members,
     write_group_members,
+    write_left_alone,
     write_plan_doc,
 )
 from include.tier_sync.sync.contracts import api_diff, api_stats
@@ -111,6 +112,7 @@ def prepare_sync(
     }
     plan_id = uuid.uuid4().hex
     write_expected_members(plan, paths)
+    write_left_alone(plan, paths, plan_id, groups)
     write_group_members(paths, plan_id, customers_cursor, tier_group_members(current, groups))
     extra: dict[str, Any] = {
         "summary": summary,

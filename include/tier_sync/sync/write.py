@@ -106,6 +106,7 @@ def new_result(ref: str, batch: Mapping[str, Any]) -> BatchResult:
         "moves_applied": {},
         "changed_in_pos_ids": [],
         "deleted_ids": [],
+        "already_in_target_ids": [],
         "error_details": [],
         "api": zero_api(),
     }
@@ -333,6 +334,7 @@ def _triage(
             tally.applied_move(move)  # our earlier, unacknowledged write landed
         elif now_group == tally.group_id and move.get("from_group_id") != tally.group_id:
             tally.skip_reasons["already_in_target"] += 1
+            tally.result["already_in_target_ids"].append(cid)
         elif now_group == move.get("from_group_id"):
             to_write.append(move)
         else:

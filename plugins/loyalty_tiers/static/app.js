@@ -351,13 +351,14 @@ function customerDetail(c) {
       h("dt", {}, "Email"), h("dd", {}, c.email || "–"),
       h("dt", {}, "Customer id"), h("dd", {}, h("code", {}, c.customer_id))),
     whyBlock,
-    h("h2", {}, "Tier history"), hist);
+    h("h2", {}, "Tier history and what the sync did"), h("div", { id: "customer-history" }, hist));
 }
 
 async function showCustomer(id) {
   try {
     const c = await api(`api/customers/${encodeURIComponent(id)}`);
     put("customer", customerDetail(c));
+    if (typeof showCustomerExtras === "function") showCustomerExtras(c);  // customer.js: sales, runs
     byId("customer").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (err) { showError(err); }
 }
