@@ -736,3 +736,126 @@ def test_page_for_a_viewer(server: Server, demo_data: Path) -> None:
         browser.screenshot(ARTIFACTS / "loyalty_tiers_viewer.png")
     finally:
         browser.close()
+
+
+# -- the customer view: sales and the history with the sync's actions ----------------------------------
+
+
+def store_sales(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every stored sale version, read straight off the order store's Parquet files, by customer
+    (each sale under every customer it ever had, as the page reads them)."""
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((data_dir / "store" / "manifest.json").read_text())
+    rows: list[dict[str, Any]] = []
+    for seg in manifest["resources"]["sales"]["segments"]:
+        rows += pq.read_table(data_dir / "store" / "segments" / "sales" / seg["name"]).to_pylist()
+    by_sale: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_sale.setdefault(str(r["id"]), []).append(r)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for versions in by_sale.values():
+        for cid in {v["customer_id"] for v in versions if v["customer_id"]}:
+            out.setdefault(str(cid), []).extend(versions)
+    return out
+
+
+def expected_action(data_dir: Path, key: str, cid: str, tier: str) -> tuple[str, str]:
+    """(kind, a word the text must hold) of the sync's action on `cid` in run `key`, from its files."""
+    plan_dir = data_dir / "runs" / key / "sync_plan"
+    left = json.loads((plan_dir / "left_alone.json").read_text())["customers"]
+    if cid in left:
+        entry = left[cid]
+        return entry["why"], entry["group"] or ""
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    for ref in plan["refs"]:
+        batch = json.loads(Path(ref["ref"]).read_text())
+        if any(m["customer_id"] == cid for m in batch["moves"]):
+            return "moved", batch["group_name"]
+    return ("no_tier", "no tier") if tier == "None" else ("unchanged", tier)
+
+
+def open_customer(browser: Browser, cid: str, code: str) -> None:
+    """Search by customer code (one exact match opens the customer's view); wait for its sales."""
+    browser.eval(in_doc("(d.getElementById('search-q').value = '', d.getElementById('search-q').focus())"))
+    browser.send("Input.insertText", text=code)
+    browser.eval(in_doc("d.getElementById('search-form').requestSubmit()"))
+    detail = f"d.querySelector('#customer-detail[data-customer=\"' + {json.dumps(cid)} + '\"]')"
+    browser.wait_for(
+        in_doc(f"!!{detail} && !!{detail}.querySelector('#sales-counting[data-loaded]') && "
+               f"!!{detail}.querySelector('#sales-not-counting[data-loaded]')"),
+        what="the customer's view and sales",
+    )  # fmt: skip
+
+
+def shown_sales(browser: Browser, kind: str) -> list[tuple[str, str, str]]:
+    return browser.eval(in_doc(
+        f"[...d.querySelectorAll('#{kind}-table tbody tr')].map(r => [r.dataset.sale, r.dataset.kind, "
+        "r.querySelector('.sale-reason').innerText])"
+    ))  # fmt: skip
+
+
+def test_customer_view_shows_the_sales_and_the_sync_actions(server: Server, demo_data: Path) -> None:
+    """The sales that count and those that do not (and why), paged, and each run's tier with what
+    the sync did, for customers picked off the files, checked against the oracle and the run folder."""
+    from tests import oracle
+
+    binary = ensure_chromium()
+    if binary is None:
+        pytest.skip(NO_BROWSER)
+    master = {r["Customer ID"]: r for r in read_master(demo_data)}
+    as_of = oracle.ts(json.loads((demo_data / "latest.json").read_text())["as_of"])
+    assert as_of is not None
+    sales_of = store_sales(demo_data)
+    expected = {cid: oracle.expected_sales(v, cid, as_of) for cid, v in sales_of.items() if cid in master}
+    # The customer with the most kinds of sales that do not count, and more than one page of sales.
+    cid = max(expected, key=lambda c: (len({r for _, r in expected[c][1]}), len(expected[c][0]) > 10, c))
+    counting, not_counting = expected[cid]
+    assert counting and not_counting
+    keys = sorted(p.name for p in (demo_data / "runs").iterdir())
+    protected = next(
+        c for c, e in json.loads((demo_data / "runs" / keys[-1] / "sync_plan" / "left_alone.json").read_text())[
+            "customers"].items() if e["why"] == "protected" and c in master
+    )  # fmt: skip
+
+    browser = Browser(binary, server.home / "chrome-customer")
+    try:
+        login(browser, server)
+        browser.navigate(f"{server.url}/plugin/loyalty-tiers")
+        browser.wait_for(in_doc("d.body.dataset.ready === 'true'"), timeout=90, what="the plugin page")
+        open_customer(browser, cid, master[cid]["Customer Code"])
+        first = shown_sales(browser, "sales-counting")
+        assert [(s, k) for s, k, _ in first] == counting[:10]
+        assert browser.eval(in_doc("d.getElementById('sales-counting-count').innerText")) == f"{len(counting)} sales"
+        assert "add up to the lifetime value" in browser.eval(in_doc("d.getElementById('sales-check').innerText"))
+        assert f"${master[cid]['Lifetime Value']}" in browser.eval(
+            in_doc("d.getElementById('sales-check').innerText")
+        ).replace(",", "")
+        reasons = shown_sales(browser, "sales-not-counting")
+        assert [(s, k) for s, k, _ in reasons] == not_counting[:10]
+        assert all(text.strip() for _, _, text in reasons)
+        if len(counting) > 10:  # the next page, older sales
+            browser.eval(in_doc("d.getElementById('sales-counting-next').click()"))
+            browser.wait_for(in_doc("d.getElementById('sales-counting-page').innerText.startsWith('page 2')"),
+                             what="page 2")  # fmt: skip
+            assert [(s, k) for s, k, _ in shown_sales(browser, "sales-counting")] == counting[10:20]
+        runs = browser.eval(in_doc(
+            "[...d.querySelectorAll('#customer-runs tbody tr')].map(r => [r.dataset.run, r.dataset.action, "
+            "r.querySelector('.run-action').innerText, r.querySelector('.run-tier').innerText.trim()])"
+        ))  # fmt: skip
+        assert [r[0] for r in runs] == keys[::-1]
+        kind, word = expected_action(demo_data, keys[-1], cid, master[cid]["Tier"])
+        assert runs[0][1] == kind and word in runs[0][2] and runs[0][3] == master[cid]["Tier"], runs[0]
+        browser.eval(in_doc("d.getElementById('customer-detail').scrollIntoView()"))
+        time.sleep(0.5)
+        browser.screenshot(ARTIFACTS / "loyalty_tiers_customer.png")
+
+        open_customer(browser, protected, master[protected]["Customer Code"])
+        runs = browser.eval(in_doc(
+            "[...d.querySelectorAll('#customer-runs tbody tr')].map(r => [r.dataset.action, r.querySelector('.run-action').innerText])"
+        ))  # fmt: skip
+        kind, group = expected_action(demo_data, keys[-1], protected, master[protected]["Tier"])
+        assert kind == "protected" and group in ("Staff", "Wholesale")
+        assert runs[0] == ["protected", f"protected: in {group} (not a tier group), never moved"], runs
+    finally:
+        browser.close()

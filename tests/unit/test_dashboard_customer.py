@@ -264,3 +264,24 @@ def test_each_run_shows_what_the_sync_did_to_the_customer(tmp_path: Path) -> Non
         assert actions(cid)[0] == (d2, "not_written", f"planned from {old} to {group}; not written: dry run")
     left = json.loads((Path(paths.run_sync_plan_dir) / "left_alone.json").read_text())
     assert left["customers"][protected] == {"why": "protected", "group_id": staff, "group": "Staff"}
+
+
+def test_each_runs_tier_comes_from_its_changes_or_the_run_before(tmp_path: Path) -> None:
+    """Two published runs (test_dashboard's data dir): c6 First Time Buyer -> Sprout, c8 Sprout ->
+    First Time Buyer, c1 Evergreen both days though only day 1 has a change row for them."""
+    from tests.unit.test_dashboard import DAY1, build_data_dir
+
+    url = build_data_dir(str(tmp_path))
+
+    def tiers(cid: str) -> list[tuple[str, str | None, str | None]]:
+        found = dashboard.customer(url, cid)
+        assert found is not None
+        return [(r["as_of"], r["tier"], (r["change"] or {}).get("kind")) for r in found["runs"]]
+
+    d1, d2 = DAY1.strftime("%Y-%m-%dT%H:%M:%SZ"), AS_OF.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert tiers("c6") == [(d2, "Sprout", "upgrade"), (d1, "First Time Buyer", "new")]
+    assert tiers("c8") == [(d2, "First Time Buyer", "downgrade"), (d1, "Sprout", "new")]
+    assert tiers("c1") == [(d2, "Evergreen", None), (d1, "Evergreen", "new")]
+    runs = dashboard.customer(url, "c1")["runs"]  # type: ignore[index]
+    assert [r["sync"] for r in runs] == [{"kind": "no_plan", "text": "no sync plan: published, but plan_sync did not run"}] * 2
+    assert all(r["published"] for r in runs)

@@ -44,7 +44,7 @@ async function loadSales(kind, customerId, page) {
 
 function runsTable(runs) {
   if (!runs || !runs.length) return h("p", { class: "muted" }, "No run folders kept (runs/): pruned runs keep counts only.");
-  return h("table", { id: "customer-runs" },
+  return h("table", { id: "customer-runs", class: "tier-history" },
     h("thead", {}, h("tr", {}, h("th", {}, "Run (as of)"), h("th", {}, "Tier"), h("th", {}, "Change"), h("th", {}, "What the sync did"))),
     h("tbody", {}, runs.map((r) => h("tr", { "data-run": r.run_key, "data-action": r.sync.kind },
       h("td", {}, when(r.as_of), r.published ? "" : h("span", { class: "muted" }, " (not published)")),
