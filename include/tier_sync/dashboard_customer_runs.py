@@ -103,6 +103,10 @@ def _action(data_dir: str, row: dict[str, Any], customer_id: str) -> dict[str, A
     if move is not None:
         return _moved(index, move, customer_id)
     alone = index["left_alone"]
+    stopped = index["skipped_reason"] == "circuit_breaker" and not index["dispatched"]
+    if stopped and not (alone and customer_id in alone) and row["tier"] not in (None, NO_TIER):
+        # A tripped breaker writes no batch files: who would have moved is not on record.
+        return {"kind": "not_written", "text": f"nothing written: {NOT_WRITTEN['circuit_breaker']}"}
     if alone is not None and customer_id in alone:
         entry = alone[customer_id]
         if entry["why"] == "protected":

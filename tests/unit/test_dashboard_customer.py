@@ -285,3 +285,65 @@ def test_each_runs_tier_comes_from_its_changes_or_the_run_before(tmp_path: Path)
     runs = dashboard.customer(url, "c1")["runs"]  # type: ignore[index]
     assert [r["sync"] for r in runs] == [{"kind": "no_plan", "text": "no sync plan: published, but plan_sync did not run"}] * 2
     assert all(r["published"] for r in runs)
+
+
+def test_a_run_the_circuit_breaker_stopped_wrote_nothing(tmp_path: Path) -> None:
+    from tests.unit.test_sync_against_simulator import plan
+    from tools.lightspeed_sim.demo import generate_demo_store
+    from tools.lightspeed_sim.testing import clock_after, running_simulator
+
+    store = generate_demo_store(seed=7, customers=120, now=AS_OF)
+    with running_simulator(store=store, clock=clock_after(AS_OF)) as sim:
+        protected = sim.store.labels["staff_high_spender"]
+        with pytest.raises(sync.MassChangeError):
+            plan(sim, tmp_path, AS_OF)  # the first sync moves nearly everyone: the breaker asks
+    left = json.loads((tmp_path / "runs" / "20261125T020000Z" / "sync_plan" / "left_alone.json").read_text())
+    managed = next(c for c in sim.store.customers if c not in left["customers"])
+    [run] = customer_runs(str(tmp_path), managed, "Seed")
+    assert run["sync"] == {
+        "kind": "not_written",
+        "text": "nothing written: the circuit breaker stopped the run (a mass change waiting for, or refused, approval)",
+    }
+    [run] = customer_runs(str(tmp_path), protected, "Evergreen")
+    assert run["sync"]["kind"] == "protected"
+
+
+def test_the_plan_records_who_it_leaves_alone_and_why() -> None:
+    import pandas as pd
+
+    from include.tier_sync.sync.groups import GroupMap
+    from include.tier_sync.sync.plan import plan_moves
+
+    tiers = {"Evergreen": "g-ev", "Bloom": "g-bl", "Sprout": "g-sp", "Seed": "g-se", "First Time Buyer": "g-ft"}
+    groups = GroupMap(tier_groups=tiers, default_group_id="g-all", names={"g-staff": "Staff", "g-all": "All Customers"})
+    master = pd.DataFrame({"Customer ID": ["a", "b", "c", "d", "e", "f"],
+                           "Tier": ["Seed", "Bloom", "Seed", "Sprout", "Evergreen", "None"]})  # fmt: skip
+    current = pd.DataFrame({
+        "id": ["a", "b", "c", "e", "f"],
+        "customer_group_id": ["g-staff", "g-all", "g-all", "g-se", None],
+        "deleted_at": [None, None, "2026-11-20T00:00:00Z", None, None],
+    })  # fmt: skip
+    found = plan_moves(master, current, groups, RULES, limit=1)
+    assert [m.customer_id for m in found.moves] == ["e"]  # Evergreen first; the limit keeps one
+    assert found.left_alone == {
+        "a": ("protected", "g-staff"), "c": ("deleted", "g-all"), "d": ("missing", None),
+        "b": ("deferred_by_limit", "g-all"),
+    }  # fmt: skip
+    # A downgrade an "upgrades only" approval leaves out is on record too.
+    current.loc[current["id"] == "e", "customer_group_id"] = "g-ev"
+    master.loc[master["Customer ID"] == "e", "Tier"] = "Seed"
+    only = plan_moves(master, current, groups, RULES).upgrades_only()
+    assert only.left_alone["e"] == ("left_out_by_approval", "g-ev") and "e" not in {m.customer_id for m in only.moves}
+
+
+def test_erasure_removes_the_customer_from_the_new_records() -> None:
+    """left_alone.json (keyed by id) and already_in_target_ids (a list of ids) are erased like the rest."""
+    from include.tier_sync.erasure import scrub
+
+    left = {"format_version": 1, "plan_id": "p", "customers": {"c1": {"why": "protected", "group_id": "g", "group": "Staff"},
+                                                               "c2": {"why": "deleted", "group_id": None, "group": None}}}  # fmt: skip
+    cleaned, removed = scrub(left, "c1", frozenset({"c1"}))
+    assert removed == 1 and cleaned["customers"] == {"c2": left["customers"]["c2"]}
+    result = {"already_in_target_ids": ["c1", "c3"], "changed_in_pos_ids": []}
+    cleaned, removed = scrub(result, "c1", frozenset({"c1"}))
+    assert removed == 1 and cleaned["already_in_target_ids"] == ["c3"]
