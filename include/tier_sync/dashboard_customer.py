@@ -164,7 +164,7 @@ def classify(sales_df: Any, customer_id: str, as_of: datetime, rules: TierRules)
         reason = _first_failed(df, r, tests, times, NAT, rules)
         entry = _entry(df, r, times, NAT, *(reason or _counts_as(df, r)))
         if later:
-            entry["notes"].append("edited after as_of: shown as it was at as_of")
+            entry["notes"].append("changed after as_of (edited, voided or deleted): shown as it was at as_of")
         if reason is None:
             deleted = int(times["deleted_at"][r])
             if deleted != NAT:

@@ -131,6 +131,8 @@ def _moved(index: dict[str, Any], move: dict[str, Any], customer_id: str) -> dic
     if not index["dispatched"]:
         why = index["skipped_reason"] or "writes not allowed"
         return {"kind": "not_written", "text": f"planned {planned}; not written: {NOT_WRITTEN.get(why, why)}"}
+    if outcome is not None and outcome[0] == "failed" and index["in_progress"]:
+        return {"kind": "pending", "text": f"planned {planned}; the sync is still running"}
     if outcome is not None:
         kind, detail = outcome
         words = {
@@ -192,6 +194,8 @@ def _build_index(paths: RunPaths) -> dict[str, Any] | None:
         for ids in (read_expected_members(paths) or {}).values():
             managed.update(ids)
     return {
+        # No sync log yet: batches without a result may still be running (not failed).
+        "in_progress": not fileio.exists(paths.run_sync_log),
         "dispatched": bool(doc.get("dispatched", True)) and bool(doc.get("writes_allowed", True)),
         "skipped_reason": doc.get("skipped_reason"),
         "moves": moves,

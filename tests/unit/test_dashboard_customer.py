@@ -64,6 +64,8 @@ def planted_sales() -> list[dict[str, Any]]:
     ]
 
 
+CHANGED_LATER = "changed after as_of (edited, voided or deleted): shown as it was at as_of"
+
 # What each sale is, worked out by hand from docs/tier-rules.md (newest sale date first).
 COUNTING = [
     ("r1", "return"), ("z1", "zero"), ("e1", "purchase"), ("p1", "purchase"), ("p2", "purchase"),
@@ -124,8 +126,8 @@ def test_sales_that_count_and_why_the_others_do_not(data_dir: str) -> None:
     assert by_id["r1"]["amount"] == {"cents": -2000, "dollars": "-20.00"}
     assert by_id["z1"]["reason"] == "counts: a $0.00 sale, not an order"
     assert by_id["d2"]["notes"] == ["deleted on 2026-11-25T03:00:00Z, after as_of: still counts"]
-    assert (by_id["e1"]["status"], by_id["e1"]["notes"]) == ("CLOSED", ["edited after as_of: shown as it was at as_of"])
-    assert by_id["e2"]["status"] == "LAYBY" and by_id["e2"]["notes"] == ["edited after as_of: shown as it was at as_of"]
+    assert (by_id["e1"]["status"], by_id["e1"]["notes"]) == ("CLOSED", [CHANGED_LATER])
+    assert by_id["e2"]["status"] == "LAYBY" and by_id["e2"]["notes"] == [CHANGED_LATER]
     reasons = {sid: by_id[sid]["reason"] for sid, _ in NOT_COUNTING}
     assert reasons == {
         "f1": "dated at or after as_of: counts from a later run",
@@ -223,6 +225,12 @@ def test_each_run_shows_what_the_sync_did_to_the_customer(tmp_path: Path) -> Non
         batches = {ref["ref"]: json.loads(Path(ref["ref"]).read_text()) for ref in refs}
         planned = [(b, m) for b in batches.values() for m in b["moves"]]
         (_, to_staff), (target_batch, to_target), (moved_batch, moved) = planned[0], planned[1], planned[2]
+        # Before the batches ran (no sync log yet): planned, still running, not "failed".
+        [pending] = customer_runs(str(tmp_path), moved["customer_id"], "Seed")
+        assert pending["sync"] == {
+            "kind": "pending", "text": f"planned from {moved['from']} to {moved_batch['group_name']}; the sync is still running",
+        }  # fmt: skip
+        dashboard.clear_cache()
         sim.store.move_customer_to_group(to_staff["customer_id"], staff)
         sim.store.move_customer_to_group(to_target["customer_id"], target_batch["group_id"])
         results = [sync.sync_batch(r, client_for(sim), writes_allowed=True) for r in refs]
