@@ -9,8 +9,9 @@ The date is exact: it comes from the sale dates in the order store, taken throug
 view the engine uses. Only when the store cannot be read (or disagrees with the CSV) is it
 approximated from the CSV's Last Order as "at the latest".
 
-This is the one part of the page that reads the order store, so it lives apart from the page's
-aggregates (dashboard.py). The table is computed once per version of the master, the store's
+This part of the page reads the order store (as does the customer view's list of sales,
+dashboard_customer.py, through `customer_sales`), so it lives apart from the page's aggregates
+(dashboard.py). The table is computed once per version of the master, the store's
 manifest, the as-of and the thresholds (dashboard_cache), streaming only the at-risk customers'
 sales. pandas, numpy and pyarrow are imported inside the functions that need them: the Airflow
 plugin imports this module (through dashboard.py) when the api-server starts.

@@ -53,6 +53,8 @@ def customer_runs(data_dir: str, customer_id: str, current_tier: str | None, lim
 
 
 def _run_row(data_dir: str, key: str, customer_id: str) -> dict[str, Any]:
+    from include.tier_sync.sync.batches import plan_path
+
     run_dir = ledger.run_dir(data_dir, key)
     paths = RunPaths(data_dir, ledger.key_as_of(key))
     frame = changes_frame(fileio.join(run_dir, CHANGES_FILE))
@@ -66,6 +68,8 @@ def _run_row(data_dir: str, key: str, customer_id: str) -> dict[str, Any]:
         "as_of": iso(paths.as_of),
         "published": ledger.published_master(paths, key) is not None,
         "change": change,
+        # the run got as far as its tier changes (or a sync plan, made from its master)
+        "computed": frame is not None or signature(plan_path(paths)) is not None,
         "tier": None,
     }
 
@@ -75,6 +79,7 @@ def _fill_tiers(rows: list[dict[str, Any]], current_tier: str | None) -> None:
 
     Before the first change the tier is that change's `from` (None when it was new then: the
     customer was not in those runs' masters); with no change at all, the latest master's tier.
+    A run that never got to its tier changes has no tier.
     """
     first = next((r["change"] for r in rows if r["change"] is not None), None)
     carried: str | None = (first["from"] if first is not None else current_tier) if rows else None
@@ -83,7 +88,7 @@ def _fill_tiers(rows: list[dict[str, Any]], current_tier: str | None) -> None:
             row["tier"] = row["change"]["to"]
             if row["published"]:
                 carried = row["change"]["to"]
-        else:
+        elif row["computed"]:
             row["tier"] = carried
 
 
@@ -189,6 +194,8 @@ def _build_index(paths: RunPaths) -> dict[str, Any] | None:
         uncounted = int(r["skip_reasons"].get("already_in_target", 0)) > len(r["already_in_target_ids"])
         batches[r["index"]] = (bool(r["written"]), uncounted)
     alone = read_left_alone(paths)
+    if alone is not None and alone["plan_id"] != doc.get("plan_id"):
+        alone = None  # written by a plan_sync attempt whose plan.json never landed: not this plan's
     managed: set[str] = set()
     if alone is None:  # an older plan: who was managed tells unchanged from left alone
         for ids in (read_expected_members(paths) or {}).values():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from include.tier_sync.master_csv import compute_tiers, publish_run
 from include.tier_sync.store import CUSTOMERS, CUSTOMERS_SCHEMA, SALES, SALES_SCHEMA, OrderStore
 from tests import oracle
 from tests.unit.test_clv import AS_OF, DAY, RULES, customer, customers_df, sale, sales_df
+from tests.unit.test_dashboard import fresh_cache as fresh_cache  # autouse: a clean page cache per test
 from tests.unit.test_dashboard import identity, to_table
 
 pytestmark = pytest.mark.unit
@@ -89,13 +89,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     fileio.write_json(paths.run_validation_json, {"summary": {"success": True, "run_key": paths.key}})
     publish_run(paths, identity(AS_OF), result["tier_breakdown"])
     return url
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache() -> Iterator[None]:
-    dashboard.clear_cache()
-    yield
-    dashboard.clear_cache()
 
 
 def everything(data_dir: str, counting: bool, per_page: int = 200) -> dict[str, Any]:
