@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from include.tier_sync import dashboard
+from include.tier_sync import dashboard, dashboard_run
 from include.tier_sync.customer_access import DENIED_MESSAGE, PERMISSION
 from loyalty_tiers.access import (
     CustomerLookup,
@@ -44,6 +44,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {
     "app.js": "text/javascript",
     "customer.js": "text/javascript",
+    "run.js": "text/javascript",
     "app.css": "text/css",
     "icon.svg": "image/svg+xml",
 }
@@ -122,6 +123,16 @@ async def index(request: Request) -> Response:
     """The page. Without a valid session, send the browser to Airflow's login and back."""
     if not request.url.path.endswith("/"):  # the page's asset and API URLs are relative
         return RedirectResponse(request.url.replace(path=request.url.path + "/"), status_code=307)
+    return await _page(request, "index.html")
+
+
+@app.get("/run", include_in_schema=False)
+async def run_page(request: Request) -> Response:
+    """A DAG run's "Tier sync" tab (the plugin's dag_run external view: ?dag_id=..&run_id=..)."""
+    return await _page(request, "run.html")
+
+
+async def _page(request: Request, name: str) -> Response:
     try:
         await require_user(request, await _bearer(request))
     except HTTPException as exc:
@@ -132,9 +143,7 @@ async def index(request: Request) -> Response:
         login = get_auth_manager().get_url_login()
         sep = "&" if "?" in login else "?"
         return RedirectResponse(f"{login}{sep}next={quote(str(request.url), safe='')}", status_code=307)
-    return FileResponse(
-        STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}
-    )
+    return FileResponse(STATIC_DIR / name, media_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 @app.get("/static/{name}", include_in_schema=False)
@@ -243,6 +252,32 @@ def api_customer_sales(
     if found is None:
         raise HTTPException(status_code=404, detail="No such customer in the latest master CSV")
     return _json(found)
+
+
+def _dag_run_as_of(dag_id: str, run_id: str) -> Any:
+    """The run's as_of by the tasks' own rule (runtime.resolve_as_of), from Airflow's DagRun;
+    None when the metadata DB does not know the run (e.g. `airflow db clean` removed it)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from include.tier_sync.runtime import resolve_as_of
+
+    with create_session(scoped=False) as session:
+        run = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+        if run is None:
+            return None
+        interval = {"data_interval_start": run.data_interval_start, "data_interval_end": run.data_interval_end}
+        return resolve_as_of({**interval, "dag_run": run})
+
+
+@app.get("/api/runs/{run_id:path}")
+def api_run(run_id: str, _user: User, dag_id: Annotated[str, Query(max_length=250)] = "") -> JSONResponse:
+    """One DAG run's plan, moves, sync log, validation and approval (include/tier_sync/dashboard_run.py)."""
+    dag_id = dag_id or dashboard_run.DAG_ID
+    if dag_id != dashboard_run.DAG_ID:  # another DAG's run: say so, read nothing
+        return _json(dashboard_run.run_view("", dag_id, run_id))
+    return _json(dashboard_run.run_view(_data_dir(), dag_id, run_id, _dag_run_as_of(dag_id, run_id)))
 
 
 @app.get("/data-docs/{path:path}", include_in_schema=False)
