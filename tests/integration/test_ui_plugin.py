@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -857,5 +858,72 @@ def test_customer_view_shows_the_sales_and_the_sync_actions(server: Server, demo
         kind, group = expected_action(demo_data, keys[-1], protected, master[protected]["Tier"])
         assert kind == "protected" and group in ("Staff", "Wholesale")
         assert runs[0] == ["protected", f"protected: in {group} (not a tier group), never moved"], runs
+    finally:
+        browser.close()
+
+
+# -- the "Tier sync" tab of a DAG run ----------------------------------------------------------------
+
+
+def ui_encode(value: str) -> str:
+    """JavaScript's encodeURIComponent, which the UI applies to {DAG_ID} / {RUN_ID} in an href."""
+    return quote(value, safe="-_.!~*'()")
+
+
+def test_run_tab_shows_the_runs_files(server: Server, demo_data: Path) -> None:
+    """The dag_run external view as the UI builds it (href from the plugin listing, placeholders
+    filled in), opened in headless Chromium for the demo's run: every figure against its files."""
+    binary = ensure_chromium()
+    if binary is None:
+        pytest.skip(NO_BROWSER)
+    key = sorted(p.name for p in (demo_data / "runs").iterdir())[-1]
+    folder = demo_data / "runs" / key
+    run_id = json.loads((folder / "run.json").read_text())["run_id"]
+    log = json.loads((folder / "tier_sync_log.json").read_text())
+    plan = json.loads((folder / "sync_plan" / "plan.json").read_text())
+    validation = json.loads((folder / "validation.json").read_text())["summary"]
+    with (folder / "tier_changes.csv").open(encoding="utf-8-sig") as fh:
+        changes = list(csv.DictReader(fh))
+
+    plugins = client_of(server, VIEWER).get("/api/v2/plugins").json()["plugins"]
+    tab = next(v for p in plugins for v in p["external_views"] if v.get("url_route") == "tier-sync-run")
+    assert tab["destination"] == "dag_run"
+    src = tab["href"].replace("{DAG_ID}", ui_encode("customer_tier_sync")).replace("{RUN_ID}", ui_encode(run_id))
+    browser = Browser(binary, server.home / "chrome-run-tab", height=1800)
+    try:
+        login(browser, server, VIEWER)  # reading a run's tab needs read access to the DAG only
+        browser.navigate(f"{server.url}{src}")
+        doc = "document"
+        browser.wait_for(in_doc("d.body.dataset.ready === 'true'", doc), timeout=90, what="the run tab")
+        assert browser.eval(in_doc("d.getElementById('error').hidden", doc)), browser.eval(
+            in_doc("d.getElementById('error').innerText", doc)
+        )
+        assert browser.eval(in_doc("d.body.dataset.found", doc)) == "folder"
+
+        def shown(elem: str) -> str:
+            return str(browser.eval(in_doc(f"d.getElementById('{elem}').innerText", doc)))
+
+        for elem, value in (
+            ("sync-written", log["updated"]),
+            ("sync-failed", log["errors"]),
+            ("sync-skipped", log["skipped"]),
+            ("sync-protected", log["protected"]),
+            ("sync-changed", log["changed_in_pos"]),
+            ("plan-planned", plan["summary"]["planned_moves"]),
+            ("moves-changes", len(changes)),
+            ("moves-new", sum(1 for c in changes if c["From"] == "")),
+        ):
+            assert shown(elem) == f"{value:,}", elem
+        assert shown("validation-result") == ("Passed" if validation["success"] else "Failed")
+        assert "approval" not in plan  # the demo's runs never ask (allow_mass_change, then no change)
+        assert shown("approval-status") == "Not needed"
+        browser.screenshot(ARTIFACTS / "run_tab.png")
+
+        # The tab is on every DAG's runs (Airflow cannot limit it): another DAG's run is told so.
+        other = tab["href"].replace("{DAG_ID}", "daily_report").replace("{RUN_ID}", ui_encode(run_id))
+        browser.navigate(f"{server.url}{other}")
+        browser.wait_for(in_doc("d.body.dataset.found === 'other_dag'", doc), what="another DAG's run")
+        assert "not a tier-sync run" in shown("notice-text")
+        assert browser.eval(in_doc("d.getElementById('content').hidden", doc))
     finally:
         browser.close()
