@@ -871,8 +871,9 @@ def ui_encode(value: str) -> str:
 
 
 def test_run_tab_shows_the_runs_files(server: Server, demo_data: Path) -> None:
-    """The dag_run external view as the UI builds it (href from the plugin listing, placeholders
-    filled in), opened in headless Chromium for the demo's run: every figure against its files."""
+    """The dag_run external view inside the Airflow UI: the run page's "Tier sync" tab, its iframe
+    at the href the plugin listing gives with the placeholders filled in, opened in headless
+    Chromium for the demo's run; every figure shown against the run folder's files."""
     binary = ensure_chromium()
     if binary is None:
         pytest.skip(NO_BROWSER)
@@ -887,21 +888,24 @@ def test_run_tab_shows_the_runs_files(server: Server, demo_data: Path) -> None:
 
     plugins = client_of(server, VIEWER).get("/api/v2/plugins").json()["plugins"]
     tab = next(v for p in plugins for v in p["external_views"] if v.get("url_route") == "tier-sync-run")
-    assert tab["destination"] == "dag_run"
-    src = tab["href"].replace("{DAG_ID}", ui_encode("customer_tier_sync")).replace("{RUN_ID}", ui_encode(run_id))
+    assert tab["destination"] == "dag_run" and tab["name"] == "Tier sync"
+
+    def src_for(dag_id: str) -> str:
+        return tab["href"].replace("{DAG_ID}", ui_encode(dag_id)).replace("{RUN_ID}", ui_encode(run_id))
+
     browser = Browser(binary, server.home / "chrome-run-tab", height=1800)
     try:
         login(browser, server, VIEWER)  # reading a run's tab needs read access to the DAG only
-        browser.navigate(f"{server.url}{src}")
-        doc = "document"
-        browser.wait_for(in_doc("d.body.dataset.ready === 'true'", doc), timeout=90, what="the run tab")
-        assert browser.eval(in_doc("d.getElementById('error').hidden", doc)), browser.eval(
-            in_doc("d.getElementById('error').innerText", doc)
+        browser.navigate(f"{server.url}/dags/customer_tier_sync/runs/{ui_encode(run_id)}/plugin/tier-sync-run")
+        browser.wait_for(in_doc("d.body.dataset.ready === 'true'"), timeout=90, what="the run tab in the UI")
+        assert browser.eval("document.querySelector('iframe').getAttribute('src')") == src_for("customer_tier_sync")
+        assert browser.eval(in_doc("d.getElementById('error').hidden")), browser.eval(
+            in_doc("d.getElementById('error').innerText")
         )
-        assert browser.eval(in_doc("d.body.dataset.found", doc)) == "folder"
+        assert browser.eval(in_doc("d.body.dataset.found")) == "folder"
 
         def shown(elem: str) -> str:
-            return str(browser.eval(in_doc(f"d.getElementById('{elem}').innerText", doc)))
+            return str(browser.eval(in_doc(f"d.getElementById('{elem}').innerText")))
 
         for elem, value in (
             ("sync-written", log["updated"]),
@@ -920,10 +924,10 @@ def test_run_tab_shows_the_runs_files(server: Server, demo_data: Path) -> None:
         browser.screenshot(ARTIFACTS / "run_tab.png")
 
         # The tab is on every DAG's runs (Airflow cannot limit it): another DAG's run is told so.
-        other = tab["href"].replace("{DAG_ID}", "daily_report").replace("{RUN_ID}", ui_encode(run_id))
-        browser.navigate(f"{server.url}{other}")
-        browser.wait_for(in_doc("d.body.dataset.found === 'other_dag'", doc), what="another DAG's run")
+        browser.navigate(f"{server.url}/dags/daily_report/runs/{ui_encode(run_id)}/plugin/tier-sync-run")
+        browser.wait_for(in_doc("d.body.dataset.found === 'other_dag'"), what="another DAG's run tab")
+        assert browser.eval("document.querySelector('iframe').getAttribute('src')") == src_for("daily_report")
         assert "not a tier-sync run" in shown("notice-text")
-        assert browser.eval(in_doc("d.getElementById('content').hidden", doc))
+        assert browser.eval(in_doc("d.getElementById('content').hidden"))
     finally:
         browser.close()
