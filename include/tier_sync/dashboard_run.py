@@ -319,7 +319,7 @@ def run_view(data_dir: str, dag_id: str, run_id: str, as_of: datetime | None = N
         }
     where = locate(data_dir, run_id, as_of)
     key: str = where.get("key") or ""
-    head.update(found=where["found"], key=key, as_of=iso(ledger.key_as_of(key)) if key else None)
+    head.update(found=where["found"], key=key or None, as_of=iso(ledger.key_as_of(key)) if key else None)
     if where["found"] == "folder":
         return {**head, "message": where.get("note"), **_folder_view(data_dir, key)}
     if where["found"] == "pruned":

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -384,6 +385,8 @@ def test_unauthenticated_requests_are_refused(server: Server) -> None:
         "/loyalty-tiers/data-docs/index.html",
         "/loyalty-tiers/static/app.js",
         "/loyalty-tiers/api/at-risk",
+        "/loyalty-tiers/api/runs/manual__2026-11-25T02:00:00+00:00",
+        "/loyalty-tiers/static/run.js",
     ):
         resp = anon.get(path)
         assert resp.status_code == 401, (path, resp.status_code, resp.text[:200])
@@ -393,6 +396,8 @@ def test_unauthenticated_requests_are_refused(server: Server) -> None:
     page = anon.get("/loyalty-tiers/")
     assert page.status_code == 307 and "login" in page.headers["location"]
     assert "customer" not in page.text.lower()
+    run_tab = anon.get("/loyalty-tiers/run", params={"dag_id": "customer_tier_sync", "run_id": "x"})
+    assert run_tab.status_code == 307 and "login" in run_tab.headers["location"]
 
 
 def test_api_numbers_match_the_files(server: Server, demo_data: Path) -> None:
@@ -931,3 +936,40 @@ def test_run_tab_shows_the_runs_files(server: Server, demo_data: Path) -> None:
         assert browser.eval(in_doc("d.getElementById('content').hidden"))
     finally:
         browser.close()
+
+
+ADD_DAG_RUN = """
+import sys
+from datetime import datetime, timedelta
+from airflow.models.dagrun import DagRun
+from airflow.utils.session import create_session
+from airflow.utils.state import DagRunState
+end = datetime.fromisoformat(sys.argv[2])
+start = end - timedelta(days=1)
+with create_session() as session:
+    session.add(DagRun("customer_tier_sync", sys.argv[1], logical_date=start, run_after=end,
+                       data_interval=(start, end), run_type="scheduled", state=DagRunState.SUCCESS))
+"""
+
+
+def test_run_tab_finds_a_run_by_airflows_dag_run(server: Server, demo_data: Path) -> None:
+    """A run no folder names is placed by the as_of of its DagRun (the api-server's metadata DB):
+    here a scheduled run of the demo's day whose folder a later run of that day rewrote."""
+    key = sorted(p.name for p in (demo_data / "runs").iterdir())[-1]
+    owner = json.loads((demo_data / "runs" / key / "run.json").read_text())["run_id"]
+    as_of = datetime.strptime(key, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    run_id = f"scheduled__{(as_of - timedelta(days=1)).isoformat()}"
+    added = subprocess.run(
+        [sys.executable, "-c", ADD_DAG_RUN, run_id, as_of.isoformat()],
+        env=airflow_env(server.home, demo_data), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr[-3000:]
+    viewer = client_of(server, VIEWER)
+    got = viewer.get(f"/loyalty-tiers/api/runs/{ui_encode(run_id)}", params={"dag_id": "customer_tier_sync"})
+    assert got.status_code == 200, got.text[:500]
+    body = got.json()
+    assert (body["found"], body["key"], body["run_id"]) == ("other_run", key, run_id)
+    assert owner in body["message"] and "sync" not in body
+    unknown = viewer.get("/loyalty-tiers/api/runs/manual__not-a-run", params={"dag_id": "customer_tier_sync"}).json()
+    assert unknown["found"] == "not_found" and unknown["key"] is None
+    assert httpx.get(f"{server.url}/loyalty-tiers/api/runs/{ui_encode(run_id)}", timeout=30).status_code == 401

@@ -312,6 +312,8 @@ def test_a_pruned_run_shows_the_counts_retention_kept_and_says_what_is_gone(tmp_
 
 
 def test_another_dags_run_is_not_a_tier_sync_run(tmp_path: Path) -> None:
+    nothing = dashboard_run.run_view(str(tmp_path / "data"), DAG, "manual__nope")
+    assert (nothing["found"], nothing["key"], nothing["as_of"]) == ("not_found", None, None)
     got = dashboard_run.run_view(str(tmp_path), "daily_report", "manual__2026-11-25T02:00:00+00:00")
     assert got["tier_sync_run"] is False and got["found"] == "other_dag"
     assert "not a tier-sync run" in got["message"] and "plan" not in got
@@ -325,7 +327,8 @@ def test_a_folder_rewritten_by_another_run_of_the_same_day_is_not_shown_as_this_
     got = view(data, AS_OF, "scheduled")
     assert got["found"] == "other_run" and run_id(AS_OF, "manual") in got["message"] and "sync" not in got
     unknown = view(data, AS_OF - DAY, known=True)
-    assert unknown["found"] == "not_found" and f"runs/{RunPaths(data, AS_OF - DAY).key}/ does not exist" in unknown["message"]
+    assert unknown["found"] == "not_found" and unknown["key"] == RunPaths(data, AS_OF - DAY).key
+    assert f"runs/{RunPaths(data, AS_OF - DAY).key}/ does not exist" in unknown["message"]
 
 
 # -- the plugin, as Airflow loads it ------------------------------------------------------------------
