@@ -36,6 +36,12 @@ def missing(reason: str, state: str = "missing") -> dict[str, Any]:
     return {"state": state, "reason": reason}
 
 
+def tier_rows(per_tier: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """{tier: counts} as rows, highest tier first (the tier table's order)."""
+    order = {t: i for i, t in enumerate(ALL_TIERS)}
+    return [{"tier": t, **per_tier[t]} for t in sorted(per_tier, key=lambda t: order.get(t, len(order)))]
+
+
 # -- finding the run ------------------------------------------------------------------------------
 
 
@@ -95,8 +101,7 @@ def _by_direction(moves: dict[str, Any]) -> tuple[dict[str, int], list[dict[str,
         totals[kind] += int(count)
         row = per_tier.setdefault(target, dict.fromkeys(DIRECTIONS, 0))
         row[kind] += int(count)
-    order = {t: i for i, t in enumerate(ALL_TIERS)}
-    tiers = [{"tier": t, **per_tier[t]} for t in sorted(per_tier, key=lambda t: order.get(t, len(order)))]
+    tiers = tier_rows(per_tier)
     return totals, tiers
 
 
@@ -138,8 +143,7 @@ def moves_section(data_dir: str, key: str) -> dict[str, Any]:
             totals[kind] += int(n)
             row = per_tier.setdefault(str(new), dict.fromkeys(kinds, 0))
             row[kind] += int(n)
-    order = {t: i for i, t in enumerate(ALL_TIERS)}
-    tiers = [{"tier": t, **per_tier[t]} for t in sorted(per_tier, key=lambda t: order.get(t, len(order)))]
+    tiers = tier_rows(per_tier)
     return {"state": "ok", "changes": int(len(frame)), "by_direction": totals, "by_tier": tiers}
 
 
@@ -254,7 +258,7 @@ def _num(value: Any) -> int | None:
 
 
 def _pruned_view(row: dict[str, str]) -> dict[str, Any]:
-    gone = missing(f"{PRUNED}, not this", state="pruned")
+    gone = missing(f"{PRUNED}, not this section", state="pruned")
     kinds = {"upgrade": "upgrades", "downgrade": "downgrades", "new": "new", "other": "other"}
     totals = {k: _num(row.get(col)) for k, col in kinds.items()}
     per_tier: dict[str, dict[str, int]] = {}
@@ -262,8 +266,7 @@ def _pruned_view(row: dict[str, str]) -> dict[str, Any]:
         old, _, new = str(pair).partition(" -> ")
         kind = classify_move("" if old == "(new)" else old, new)
         per_tier.setdefault(new, dict.fromkeys(kinds, 0))[kind] += int(n)
-    order = {t: i for i, t in enumerate(ALL_TIERS)}
-    tiers = [{"tier": t, **per_tier[t]} for t in sorted(per_tier, key=lambda t: order.get(t, len(order)))]
+    tiers = tier_rows(per_tier)
     has_sync = row.get("synced", "") != ""
     passed = {"true": True, "false": False}.get(str(row.get("validation_passed") or "").lower())
     return {
