@@ -33,7 +33,7 @@ but never write to the POS. Every task has an `execution_timeout` and the run a 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import (
@@ -59,7 +59,7 @@ DAG_ID = settings.DAG_ID
 # DB at parse time). A hung task fails on its timeout and a stuck run on dagrun_timeout, instead of
 # holding the only active run (max_active_runs=1) and blocking the days after it.
 TIMEOUTS = settings.task_timeouts()
-SCHEDULE_AT = time(2, 0)  # UTC, the cron below
+SCHEDULE_AT = settings.SCHEDULE_AT  # UTC, the cron below
 # "Tiers synced by HH:MM UTC" (env TIER_SYNC_SYNCED_BY_UTC, default 06:00): counted from a scheduled
 # run's logical date (its data interval's start, the day before), so 06:00 on the day it runs.
 SYNCED_BY = settings.synced_by()

@@ -120,8 +120,16 @@ def customer_sales(data_dir: str, ids: list[str]) -> Any:
 def purchase_dates(
     data_dir: str, ids: list[str], as_of: datetime, rules: TierRules
 ) -> dict[str, list[int]] | None:
-    """Sale dates (us) of each customer's qualifying purchases in the window before `as_of`,
-    from `customer_sales`. None when the store cannot be read."""
+    """Sale dates (us) of each customer's qualifying purchases before `as_of` (see `purchases`)."""
+    found = purchases(data_dir, ids, as_of, rules)
+    return None if found is None else {cid: [d for d, _ in bought] for cid, bought in found.items()}
+
+
+def purchases(
+    data_dir: str, ids: list[str], as_of: datetime, rules: TierRules
+) -> dict[str, list[tuple[int, int]]] | None:
+    """(sale date us, amount cents) of each customer's qualifying purchases before `as_of`, from
+    `customer_sales`. None when the store cannot be read."""
     table = customer_sales(data_dir, ids)
     if table is None:
         return None
@@ -137,14 +145,14 @@ def purchase_dates(
     # quarantined it; the page never shows it as a purchase either way).
     page_rules = replace(rules, implausible_amounts="quarantine")
     pos, amount, date, _ = checked_sales(sales, pd.Series(ids, dtype=object), as_of, page_rules)
-    return _group_dates(pos, amount, date, ids)
+    return _group_purchases(pos, amount, date, ids)
 
 
-def _group_dates(pos: Any, amount: Any, date: Any, ids: list[str]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {cid: [] for cid in ids}
+def _group_purchases(pos: Any, amount: Any, date: Any, ids: list[str]) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {cid: [] for cid in ids}
     purchase = amount > 0
-    for p, d in zip(pos[purchase].tolist(), date[purchase].tolist(), strict=True):
-        out[ids[p]].append(int(d))
+    for p, d, a in zip(pos[purchase].tolist(), date[purchase].tolist(), amount[purchase].tolist(), strict=True):
+        out[ids[p]].append((int(d), int(a)))
     return out
 
 

@@ -37,6 +37,11 @@ VAR_RETENTION_DAYS = "tier_sync_retention_days"
 VAR_GIT_WITHOUT_CONTACTS = "tier_sync_git_without_contacts"
 VAR_APPROVAL_TIMEOUT = "tier_sync_approval_timeout_hours"
 VAR_APPROVERS = "tier_sync_approvers"
+VAR_RETURN_WINDOW_DAYS = "tier_sync_return_window_days"
+VAR_GROWING_DISTANCE = "tier_sync_growing_distance"
+
+# The DAG's schedule (daily, UTC): each run's as_of is this time of day (docs/tier-rules.md "as_of").
+SCHEDULE_AT = time(2, 0)
 
 # Run folders (runs/<key>/) older than this many days are pruned by the prune_runs task. There is
 # no "off": a typo must never turn into "delete everything" or "keep PII forever" silently; keep
@@ -212,6 +217,41 @@ def check_customer_lookups_per_hour(raw: str | None) -> int:
             f"from 1 to {MAX_CUSTOMER_LOOKUPS_PER_HOUR}, got {text[:40]!r}"
         )
     return int(text)
+
+
+# The page's "at risk" and "growing" lists (dashboard_growth.py).
+RETURN_WINDOW_DAYS_DEFAULT = 30  # the store accepts returns this many days after a purchase
+MAX_RETURN_WINDOW_DAYS = 3650
+GROWING_DISTANCE_DEFAULT = "50.00"  # "near the next tier": at most this much spend short of it
+_AMOUNT = re.compile(r"\d{1,9}(\.\d{1,2})?\Z")
+
+
+def check_return_window_days(raw: str | None) -> int:
+    """Days after a purchase in which the store takes it back (unset: 30); a whole number from 0
+    (no returns) to MAX_RETURN_WINDOW_DAYS, else ValueError naming the Variable."""
+    if raw is None or not raw.strip():
+        return RETURN_WINDOW_DAYS_DEFAULT
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_RETURN_WINDOW_DAYS:
+        raise ValueError(
+            f"Variable {VAR_RETURN_WINDOW_DAYS} must be a whole number of days from 0 to "
+            f"{MAX_RETURN_WINDOW_DAYS} (unset: {RETURN_WINDOW_DAYS_DEFAULT}), got {text[:40]!r}"
+        )
+    return int(text)
+
+
+def check_growing_distance(raw: str | None) -> int:
+    """How close to the next tier's threshold counts as "growing", in cents (unset: $50.00): an
+    amount in the store's currency such as `50` or `42.10`, above zero; else ValueError naming the
+    Variable (a zero would silently list nobody)."""
+    text = (raw or "").strip() or GROWING_DISTANCE_DEFAULT
+    if not (text.isascii() and _AMOUNT.match(text)) or not any(c in "123456789" for c in text):
+        raise ValueError(
+            f"Variable {VAR_GROWING_DISTANCE} must be an amount above 0 in the store's currency with at "
+            f"most two decimals, e.g. 50 or 42.10 (unset: {GROWING_DISTANCE_DEFAULT}), got {text[:40]!r}"
+        )
+    whole, _, frac = text.partition(".")
+    return int(whole) * 100 + int((frac + "00")[:2])
 
 
 # -- privacy: retention, the git master ----------------------------------------------------------------

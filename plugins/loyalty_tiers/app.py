@@ -36,6 +36,7 @@ from loyalty_tiers.access import (
     customer_lookup,
     permitted_lookup,
 )
+from loyalty_tiers.growth_routes import build_router as build_growth_router
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ STATIC_FILES = {
     "app.js": "text/javascript",
     "customer.js": "text/javascript",
     "run.js": "text/javascript",
+    "growth.js": "text/javascript",
     "app.css": "text/css",
     "icon.svg": "image/svg+xml",
 }
@@ -298,3 +300,7 @@ def data_docs(path: str, _user: User) -> Response:
         raise HTTPException(status_code=404, detail="Data Docs file not found", headers=DATA_DOCS_HEADERS)
     body, media_type = found
     return Response(body, media_type=media_type, headers=DATA_DOCS_HEADERS)
+
+
+# "At risk, in full", "Growing" and their campaign CSV (issue 18): routes of their own module.
+app.include_router(build_growth_router(require_user, _data_dir))
