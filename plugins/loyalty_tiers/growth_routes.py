@@ -8,7 +8,8 @@ themselves are include/tier_sync/dashboard_growth.py; `build_router` gets the ap
 dependency and data-dir reader so this module never imports app.py.
 """
 
-from __future__ import annotations
+# ruff: noqa: I002 - no `from __future__ import annotations`: FastAPI must resolve the Annotated
+# aliases local to build_router, which string annotations would hide from it.
 
 import logging
 from collections.abc import Callable
