@@ -318,3 +318,20 @@ def test_a_frame_of_entries_has_no_contact_data(tmp_path: Any) -> None:
     found = dashboard_growth.risk_entries(url, RULES, OPTS)["entries"]
     assert found and all("email" not in e for e in found)
     assert pd.DataFrame(found)["kind"].isin([RETURN, STREAK, NEXT_RUN]).all()
+
+
+@pytest.mark.slow
+def test_200k_customers_get_one_bounded_page(tmp_path: Any) -> None:
+    import json
+
+    from tests.unit.test_dashboard import big_master
+
+    big_master(200_000, AS_OF).to_csv(tmp_path / "customer_analytics_master.csv", index=False)
+    (tmp_path / "latest.json").write_text(json.dumps({"as_of": iso(AS_OF), "run_id": "big"}))
+    risk = dashboard_growth.overview(dashboard_growth.risk_entries(str(tmp_path), RULES, OPTS),
+                                     dashboard_growth.RISK_KINDS, None, 200, 0)
+    assert risk["counts"]["by_kind"][STREAK] > 5_000 and len(risk["customers"]) == 200
+    assert risk["store_readable"] is False and len(json.dumps(risk)) < 128_000
+    grow = dashboard_growth.overview(dashboard_growth.growth_entries(str(tmp_path), RULES, OPTS),
+                                     dashboard_growth.GROWTH_KINDS, None, 200, 0)
+    assert grow["total"] == 0 and any("order store could not be read" in n for n in grow["notes"])
