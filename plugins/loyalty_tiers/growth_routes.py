@@ -34,8 +34,11 @@ def _options() -> dashboard_growth.Options:
         raise HTTPException(status_code=500, detail=str(exc)) from exc
 
 
-def _listed(request: Request, user: Any, action: str, payload: dict[str, Any]) -> JSONResponse:
-    """The payload with its customers only for a user holding the permission (the lookup audited)."""
+def _listed(request: Request, user: Any, action: str, found: dict[str, Any], kinds: tuple[str, ...],
+            page: tuple[str | None, int, int]) -> JSONResponse:
+    """The list's counts and one page (kind, limit, offset) of it; its customers only for a user
+    holding the permission (the lookup audited)."""
+    payload = dashboard_growth.overview(found, kinds, *page)
     lookup = access.permitted_lookup(request, user, action) if access.can_view_customers(user) else None
     payload["customers_visible"] = lookup is not None
     if lookup is None:
@@ -49,24 +52,21 @@ def build_router(require_user: Callable[..., Any], data_dir: Callable[[], str]) 
     router = APIRouter()
     User = Annotated[Any, Depends(require_user)]
     Limit = Annotated[int, Query(ge=1, le=dashboard.MAX_PAGE)]
+    Offset = Annotated[int, Query(ge=0)]
     Runs = Annotated[int, Query(ge=1, le=dashboard_growth.MAX_GROWING_RUNS)]
     Days = Annotated[int, Query(ge=0, le=3650)]
 
     @router.get("/api/at-risk-full")
     def at_risk_full(request: Request, user: User, within_days: Days = 30, limit: Limit = 50,
-                     offset: Annotated[int, Query(ge=0)] = 0,
-                     kind: Annotated[str | None, Query(pattern="^(next_run|return|streak)$")] = None) -> JSONResponse:
+                     offset: Offset = 0, kind: Annotated[str | None, Query(pattern="^(next_run|return|streak)$")] = None) -> JSONResponse:
         found = dashboard_growth.risk_entries(data_dir(), dashboard.resolve_rules(), _options(), within_days)
-        payload = dashboard_growth.overview(found, dashboard_growth.RISK_KINDS, kind, limit, offset)
-        return _listed(request, user, "at_risk_full", payload)
+        return _listed(request, user, "at_risk_full", found, dashboard_growth.RISK_KINDS, (kind, limit, offset))
 
     @router.get("/api/growing")
     def growing(request: Request, user: User, runs: Runs = dashboard_growth.GROWING_RUNS_DEFAULT, limit: Limit = 50,
-                offset: Annotated[int, Query(ge=0)] = 0,
-                kind: Annotated[str | None, Query(pattern="^(moved_up|near_next)$")] = None) -> JSONResponse:
+                offset: Offset = 0, kind: Annotated[str | None, Query(pattern="^(moved_up|near_next)$")] = None) -> JSONResponse:
         found = dashboard_growth.growth_entries(data_dir(), dashboard.resolve_rules(), _options(), runs)
-        payload = dashboard_growth.overview(found, dashboard_growth.GROWTH_KINDS, kind, limit, offset)
-        return _listed(request, user, "growing", payload)
+        return _listed(request, user, "growing", found, dashboard_growth.GROWTH_KINDS, (kind, limit, offset))
 
     @router.get("/api/campaign.csv")
     def campaign(request: Request, user: User, within_days: Days = 30, runs: Runs = dashboard_growth.GROWING_RUNS_DEFAULT,

@@ -16,6 +16,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -156,21 +157,30 @@ def shown_counts(browser: Browser, table: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def test_the_page_shows_the_kinds_and_the_growing_counts(world: World, server: tuple[Server, Path]) -> None:
+@contextmanager
+def page_as(srv: Server, user: str) -> Iterator[Browser]:
+    """Headless Chromium logged in as `user`, on the page (opened directly), once it has loaded."""
     binary = ensure_chromium()
     if binary is None:
         pytest.skip(NO_BROWSER)
+    browser = Browser(binary, srv.home / f"chrome-growth-{user}", height=2600)
+    try:
+        login(browser, srv, user)
+        browser.navigate(f"{srv.url}/loyalty-tiers/")
+        browser.wait_for(in_doc("d.body.dataset.growthReady === 'true' && d.body.dataset.ready === 'true'", DOC),
+                         timeout=90, what=f"the page for {user}")
+        assert browser.eval(in_doc("d.getElementById('error').hidden", DOC)), browser.eval(
+            in_doc("d.getElementById('error').innerText", DOC))
+        yield browser
+    finally:
+        browser.close()
+
+
+def test_the_page_shows_the_kinds_and_the_growing_counts(world: World, server: tuple[Server, Path]) -> None:
     srv, data = server
     expected = expected_kinds(world)
     tiers = {r["Customer ID"]: r["Tier"] for r in read_master(data)}
-    browser = Browser(binary, srv.home / "chrome-growth", height=2600)
-    try:
-        login(browser, srv)
-        browser.navigate(f"{srv.url}/loyalty-tiers/")
-        browser.wait_for(in_doc("d.body.dataset.growthReady === 'true' && d.body.dataset.ready === 'true'", DOC),
-                         timeout=90, what="the page and its growth lists")
-        assert browser.eval(in_doc("d.getElementById('error').hidden", DOC)), browser.eval(
-            in_doc("d.getElementById('error').innerText", DOC))
+    with page_as(srv, ADMIN) as browser:
         risk = shown_counts(browser, "risk-full-counts")
         for kind in ("next_run", "return", "streak"):
             assert risk[kind] == per_tier(expected[kind], tiers), kind
@@ -187,5 +197,18 @@ def test_the_page_shows_the_kinds_and_the_growing_counts(world: World, server: t
             "api/campaign.csv")
         browser.eval(in_doc("d.getElementById('growing-card').scrollIntoView()", DOC))
         browser.screenshot(ARTIFACTS / "loyalty_tiers_growth.png")
-    finally:
-        browser.close()
+
+
+def test_a_viewer_sees_the_counts_and_no_customer(world: World, server: tuple[Server, Path]) -> None:
+    srv, data = server
+    expected = expected_kinds(world)
+    tiers = {r["Customer ID"]: r["Tier"] for r in read_master(data)}
+    with page_as(srv, VIEWER) as browser:
+        assert shown_counts(browser, "risk-full-counts")["return"] == per_tier(expected["return"], tiers)
+        assert shown_counts(browser, "growing-counts")["near_next"] == per_tier(expected["near_next"], tiers)
+        assert browser.eval(in_doc("!d.getElementById('risk-full-table') && !d.getElementById('growing-table')", DOC))
+        assert browser.eval(in_doc("!!d.getElementById('risk-full-table-hidden')", DOC))
+        assert browser.eval(in_doc("!d.getElementById('campaign-export')", DOC))
+        assert "customer permission" in browser.eval(in_doc("d.getElementById('campaign-export-note').innerText", DOC))
+        body = browser.eval(in_doc("d.body.innerText", DOC))
+        assert FORMULA not in body and "Name near_bloom" not in body
