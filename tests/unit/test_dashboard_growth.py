@@ -11,6 +11,7 @@ the page predicts is replayed in the oracle's plain reading of the rules.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -90,6 +91,19 @@ def fresh_cache() -> Any:
     dashboard.clear_cache()
 
 
+@pytest.fixture(params=["local", "memory"])
+def base(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
+    """A fresh data dir: a local folder, or memory:// (object storage's stand-in)."""
+    if request.param == "local":
+        yield str(tmp_path)
+        return
+    url = f"memory://growth-{uuid.uuid4().hex}"
+    yield url
+    fs, path = fileio.filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def entries(url: str, kind: str, opts: Options = OPTS, **kw: Any) -> dict[str, dict[str, Any]]:
     found = (dashboard_growth.risk_entries(url, RULES, opts, **kw) if kind in (RETURN, NEXT_RUN, STREAK)
              else dashboard_growth.growth_entries(url, RULES, opts, **kw))
@@ -119,9 +133,9 @@ def returns_world() -> World:
     return w
 
 
-def test_a_return_of_exactly_the_amount_drops_the_tier_and_one_cent_less_does_not(tmp_path: Any) -> None:
+def test_a_return_of_exactly_the_amount_drops_the_tier_and_one_cent_less_does_not(base: str) -> None:
     w = returns_world()
-    url = w.build(str(tmp_path), [AS_OF])
+    url = w.build(base, [AS_OF])
     found = entries(url, RETURN)
     before = w.tiers(AS_OF)
     assert "cent_less" not in found and "held" not in found
@@ -223,9 +237,9 @@ def oracle_moved_up(w: World, runs: list[datetime], n: int) -> set[str]:
     return out
 
 
-def test_moved_up_in_the_last_n_runs_and_not_n_plus_one_back(tmp_path: Any) -> None:
+def test_moved_up_in_the_last_n_runs_and_not_n_plus_one_back(base: str) -> None:
     w = growth_world()
-    url = w.build(str(tmp_path), RUNS)
+    url = w.build(base, RUNS)
     for n in (1, 2, 3):
         found = entries(url, MOVED_UP, runs=n)
         assert set(found) == oracle_moved_up(w, RUNS, n), n
@@ -249,9 +263,9 @@ def near_world() -> World:
     return w
 
 
-def test_within_distance_of_the_next_threshold_at_the_edge(tmp_path: Any) -> None:
+def test_within_distance_of_the_next_threshold_at_the_edge(base: str) -> None:
     w = near_world()
-    url = w.build(str(tmp_path), [AS_OF])
+    url = w.build(base, [AS_OF])
     found = entries(url, NEAR_NEXT)
     assert set(found) == {"at_distance", "seed_near"}
     for cid, e in found.items():
