@@ -103,6 +103,8 @@ async function loadGrowing() {
 }
 
 async function growthMain() {
+  put("risk-full", h("p", { class: "muted" }, "Working out returns and the next run from the order store…"));
+  put("growing", h("p", { class: "muted" }, "Working out who is growing…"));
   try {
     await Promise.all([loadRiskFull(), loadGrowing()]);
   } catch (err) {
