@@ -18,7 +18,9 @@ Every day at 02:00 UTC this DAG runs the retailer's loyalty program:
    customers whose tier changed into the matching Lightspeed customer group. Staff, Wholesale and
    other non-tier groups are never touched. A plan that trips the circuit breaker waits in
    approve_sync for a person (Required actions: apply all, upgrades only, or abort).
-7. **verify_group_counts** / **write_sync_log**: checks the groups against the CSV and writes
+7. **verify_group_counts** / **plan_progress** / **progress_batch** / **write_sync_log**: checks the
+   groups against the CSV, writes each customer's progress text into the POS field the
+   `tier_sync_progress_field` Variable names (opt-in; skipped when unset), and writes
    `tier_sync_log.json` (also this task's XCom).
 8. **prune_runs**: removes run folders older than the `tier_sync_retention_days` Variable (default
    90), counted from the run's as_of; the tier history and each pruned run's counts are kept.
@@ -195,6 +197,23 @@ def customer_tier_sync() -> None:
 
         return verify_group_counts_task(get_current_context())
 
+    @task(execution_timeout=TIMEOUTS["plan_progress"])
+    def plan_progress(checked: Any) -> list[dict[str, Any]]:
+        """Progress at the till (opt-in, tier_sync_progress_field): whose text changed; skipped when off."""
+        from include.tier_sync.tasks import plan_progress_task
+
+        return plan_progress_task(get_current_context())
+
+    @task(pool=settings.SYNC_POOL, retries=3, retry_delay=timedelta(seconds=30),
+          map_index_template="{{ batch_label }}", execution_timeout=TIMEOUTS["progress_batch"])
+    def progress_batch(ref: dict[str, Any]) -> dict[str, Any]:
+        """Write one batch of progress texts (idempotent: re-reads each customer before writing)."""
+        from include.tier_sync.tasks import progress_batch_task
+
+        context = get_current_context()
+        context["batch_label"] = ref.get("batch") or f"progress ({ref.get('size')})"  # type: ignore[typeddict-unknown-key]
+        return progress_batch_task(context, ref)
+
     @task(trigger_rule=TriggerRule.ALL_DONE, execution_timeout=TIMEOUTS["write_sync_log"])
     def write_sync_log(group_check: Any) -> dict[str, Any]:
         """Aggregate every batch into tier_sync_log.json; fail the run if any customer failed."""
@@ -246,10 +265,14 @@ def customer_tier_sync() -> None:
     refs >> approve_sync
     results = sync_batch.expand(ref=approve_sync.output)
     checked = verify_group_counts(results)
+    to_write = plan_progress(checked)  # after the group sync, before the log
+    texts = progress_batch.expand(ref=to_write)
     logged = write_sync_log(checked)
+    texts >> logged
     pruned = prune_runs(logged)
     outcome = run_outcome()
-    [extracted, computed, validated, published, committed, refs, approve_sync, results, checked, logged, pruned] >> outcome
+    [extracted, computed, validated, published, committed, refs, approve_sync, results, checked, to_write, texts,
+     logged, pruned] >> outcome
 
 
 customer_tier_sync()

@@ -93,16 +93,11 @@ def next_up(f: Figures, rules: TierRules) -> list[dict[str, Any]]:
     window = f.in_window(rules)
     tier = tier_of(f.ltv_cents, f.order_count, len(window), f.loyalty, rules)
     out: list[dict[str, Any]] = []
-    for target, threshold in ((SPROUT, rules.sprout_min_cents), (BLOOM, rules.bloom_min_cents),
-                              (EVERGREEN, rules.evergreen_min_cents)):
-        if RANK[target] <= RANK[tier]:
-            continue
-        gap = max(threshold - f.ltv_cents, 1)
-        reached = tier_of(f.ltv_cents + gap, f.order_count + 1, len(window) + 1, f.loyalty, rules)
-        if RANK[reached] > RANK[tier]:
-            out.append({"tier": reached, "kind": "spend", "amount_cents": gap,
-                        "text": f"${format_cents(gap)} more to {reached}"})
-            break
+    step = spend_step(tier, f.ltv_cents, f.order_count, len(window), f.loyalty, rules)
+    if step is not None:
+        gap, reached = step
+        out.append({"tier": reached, "kind": "spend", "amount_cents": gap,
+                    "text": f"${format_cents(gap)} more to {reached}"})
     if RANK[tier] < RANK[SPROUT] and tier != NO_TIER:
         need = rules.sprout_min_purchases_in_window - len(window)
         if window:
@@ -116,6 +111,32 @@ def next_up(f: Figures, rules: TierRules) -> list[dict[str, Any]]:
         first = SEED if f.loyalty else FIRST_TIME_BUYER
         out.append({"tier": first, "kind": "first_purchase", "text": f"A first purchase makes them {first}"})
     return out
+
+
+def spend_step(tier: str, ltv_cents: int, orders: int, window_count: int, loyalty: bool,
+               rules: TierRules) -> tuple[int, str] | None:
+    """The smallest purchase (cents) that lifts ``tier`` by the lifetime-value route, and the tier it
+    reaches; None at the top. One home for "what next", used by the page and the till text."""
+    for target, threshold in ((SPROUT, rules.sprout_min_cents), (BLOOM, rules.bloom_min_cents),
+                              (EVERGREEN, rules.evergreen_min_cents)):
+        if RANK[target] <= RANK[tier]:
+            continue
+        gap = max(threshold - ltv_cents, 1)
+        reached = tier_of(ltv_cents + gap, orders + 1, window_count + 1, loyalty, rules)
+        if RANK[reached] > RANK[tier]:
+            return gap, reached
+    return None
+
+
+def progress_text(tier: str, ltv_cents: int, orders: int, window_count: int, loyalty: bool,
+                  rules: TierRules) -> str:
+    """The short text for the till (issue 18): ``Bloom · $42.10 to Evergreen``, ``Evergreen · top tier``."""
+    if tier == NO_TIER:
+        return f"No tier yet · first purchase to {SEED if loyalty else FIRST_TIME_BUYER}"
+    step = spend_step(tier, ltv_cents, orders, window_count, loyalty, rules)
+    if step is None:
+        return f"{tier} · top tier"
+    return f"{tier} · ${format_cents(step[0])} to {step[1]}"
 
 
 def keeps(f: Figures, rules: TierRules) -> dict[str, Any] | None:

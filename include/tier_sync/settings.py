@@ -37,6 +37,8 @@ VAR_RETENTION_DAYS = "tier_sync_retention_days"
 VAR_GIT_WITHOUT_CONTACTS = "tier_sync_git_without_contacts"
 VAR_APPROVAL_TIMEOUT = "tier_sync_approval_timeout_hours"
 VAR_APPROVERS = "tier_sync_approvers"
+VAR_PROGRESS_FIELD = "tier_sync_progress_field"
+PROGRESS_FIELDS = ("custom_field_1", "custom_field_2", "custom_field_3", "custom_field_4")
 VAR_RETURN_WINDOW_DAYS = "tier_sync_return_window_days"
 VAR_GROWING_DISTANCE = "tier_sync_growing_distance"
 
@@ -292,6 +294,25 @@ def check_flag(name: str, raw: str | None) -> bool:
     raise ValueError(f"Variable {name} must be true or false (unset: false), got {raw!r}")
 
 
+def progress_field() -> str | None:
+    """The `tier_sync_progress_field` Variable (see `check_progress_field`)."""
+    return check_progress_field(variable(VAR_PROGRESS_FIELD))
+
+
+def check_progress_field(raw: str | None) -> str | None:
+    """The customer field that shows progress at the till: unset or blank is off (None); else one of
+    PROGRESS_FIELDS, anything else ValueError naming the Variable (never another field of the record)."""
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    if text not in PROGRESS_FIELDS:
+        raise ValueError(
+            f"Variable {VAR_PROGRESS_FIELD} must be one of {', '.join(PROGRESS_FIELDS)} (unset: off), "
+            f"got {text[:40]!r}"
+        )
+    return text
+
+
 # -- the approval of a mass change (approve_sync) --------------------------------------------------
 
 APPROVAL_TIMEOUT_HOURS = 12.0
@@ -367,6 +388,8 @@ TASK_TIMEOUT_MINUTES: dict[str, int] = {
     "approve_sync": 20,  # per execution phase (ask; apply the answer); the wait itself is not counted
     "sync_batch": 30,
     "verify_group_counts": 15,
+    "plan_progress": 20,
+    "progress_batch": 30,  # per mapped batch
     "write_sync_log": 10,
     "prune_runs": 10,
     "run_outcome": 5,

@@ -411,14 +411,18 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
     paths = run_paths(context)
     identity = run_identity(context)
     params = _params(context)
+    from include.tier_sync.sync.progress import finish_progress, raise_for_progress_errors
+
     group_check = read_group_check(paths)  # runs/<key>/group_check.json
     no_plan_reason = None if read_plan_doc(paths) else _why_nothing_was_planned(context, paths)
+    progress = finish_progress(paths)  # progress at the till (opt-in)
     log_doc = finish_sync(
         paths,
         identity,
         group_check=group_check if group_check is not None and group_check.get("checked") else None,
         dry_run=bool(params.get("dry_run")),
         no_plan_reason=no_plan_reason,
+        progress=progress,
     )
     write_run_manifest(paths, identity)
     if log_doc["synced"] and log_doc.get("group_counts_match") is False:
@@ -430,9 +434,38 @@ def write_sync_log_task(context: Mapping[str, Any]) -> dict[str, Any]:
         )
     try:
         raise_for_sync_errors(log_doc)
+        raise_for_progress_errors(progress)
     except Exception as exc:
         _fail(str(exc), exc)
     return dict(log_doc)
+
+
+def plan_progress_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Progress at the till: skipped (setting off) or the refs of the texts to write (sync/progress.py)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    field = _setting(settings.progress_field)
+    if field is None:
+        raise AirflowSkipException(f"Progress at the till is off (Variable {settings.VAR_PROGRESS_FIELD} unset)")
+    from include.tier_sync.store import OrderStore
+    from include.tier_sync.sync.progress import plan_progress
+
+    paths = run_paths(context)
+    try:
+        return plan_progress(paths, _read_master(paths), OrderStore(paths.store).read("customers"),
+                             settings.load_tier_rules(), field=field, dry_run=bool(_params(context).get("dry_run")))
+    except ValueError as exc:
+        _fail(f"Progress at the till: {exc}", exc)
+        raise AssertionError("unreachable") from exc
+
+
+def progress_batch_task(context: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, Any]:
+    # Like sync_batch: one batch file, no master CSV, no pandas (tests/unit/test_task_imports.py).
+    from include.tier_sync.sync.progress_write import write_progress_batch
+
+    run_paths(context)  # refuses a run dated in the future
+    with _client() as client:
+        return write_progress_batch(ref, client, writes_allowed=bool(ref.get("writes_allowed")))
 
 
 def prune_runs_task(context: Mapping[str, Any]) -> dict[str, Any]:

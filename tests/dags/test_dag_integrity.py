@@ -59,6 +59,7 @@ def test_pools_are_declared(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert [w.message for w in dagbag.dag_warnings] == []
     dag = dagbag.dags[DAG_ID]
     assert dag.get_task("sync_batch").pool == "lightspeed_api"
+    assert dag.get_task("progress_batch").pool == "lightspeed_api"  # the same slots as the group sync
     assert "lightspeed_api" in _declared_pools()
 
 
@@ -160,12 +161,16 @@ def test_pipeline_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
             ("approve_sync", "sync_batch"),
             ("sync_batch", "verify_group_counts"),
             ("verify_group_counts", "write_sync_log"),
+            ("verify_group_counts", "plan_progress"),
+            ("plan_progress", "progress_batch"),
+            ("progress_batch", "write_sync_log"),
             ("write_sync_log", "prune_runs"),
         ]
         + [
             (t, "run_outcome")
             for t in ("extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync",
-                      "approve_sync", "sync_batch", "verify_group_counts", "write_sync_log", "prune_runs")
+                      "approve_sync", "sync_batch", "verify_group_counts", "plan_progress", "progress_batch",
+                      "write_sync_log", "prune_runs")
         ]
     )
     # A failed task must fail the run even though the all_done log task after it succeeds; the

@@ -113,6 +113,8 @@ class SimServer:
         time_source: Callable[[], float] = time.time,
         log_requests: bool = False,
         membership_bumps_version: bool = True,
+        put_semantics: str = "merge",
+        put_response: str = "data",
     ) -> None:
         if host != "127.0.0.1":
             raise ValueError("the simulator only listens on 127.0.0.1")
@@ -120,6 +122,10 @@ class SimServer:
             raise ValueError("empty_version must be 'null' or 'missing'")
         if retry_after not in ("http-date", "seconds"):
             raise ValueError("retry_after must be 'http-date' or 'seconds'")
+        if put_semantics not in ("merge", "replace"):
+            raise ValueError("put_semantics must be 'merge' or 'replace'")
+        if put_response not in ("data", "bare"):
+            raise ValueError("put_response must be 'data' or 'bare'")
         if page_cap < 1:
             raise ValueError("page_cap must be >= 1")
         self.store = store if store is not None else SimStore()
@@ -134,6 +140,10 @@ class SimServer:
         # The API reference leaves open whether a membership call re-stamps the customer's
         # version (§5.1); False serves the variant where it does not (the feed never shows it).
         self.membership_bumps_version = membership_bumps_version
+        # PUT /customers/{id} (§4.1, UNCONFIRMED): merge the fields sent or replace the record;
+        # answer {"data": customer} or the bare customer.
+        self.put_semantics = put_semantics
+        self.put_response = put_response
         limit = rate_limit if rate_limit is not None else 300 * registers + 50
         self.rate_limiter = RateLimiter(limit, window_seconds, time_source)
         self._time = time_source
@@ -334,7 +344,8 @@ class SimServer:
         payload = _json_object(body)
         if isinstance(payload.get("data"), dict) and len(payload) == 1:
             payload = payload["data"]
-        return Response(200, {"data": self.store.update_customer(customer_id, payload)})
+        customer = self.store.update_customer(customer_id, payload, replace=self.put_semantics == "replace")
+        return Response(200, customer if self.put_response == "bare" else {"data": customer})
 
     def _group_get(self, group_id: str, *, query: dict[str, list[str]], body: bytes) -> Response:
         group = self.store.groups.get(group_id)

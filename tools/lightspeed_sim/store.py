@@ -24,6 +24,7 @@ DEFAULT_GROUP_CODE = "1111111111"
 VERSION_START = 30_000_000_000
 
 # Fields a PUT /customers/{id} may not change (the server computes or owns them).
+CUSTOM_FIELDS = ("custom_field_1", "custom_field_2", "custom_field_3", "custom_field_4")
 CUSTOMER_READ_ONLY = frozenset(
     {
         "id",
@@ -190,13 +191,26 @@ class SimStore:
             self.stamp(customer)
             return customer
 
-    def update_customer(self, customer_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """PUT semantics chosen for the simulator: merge the fields present, ignore read-only ones."""
+    def update_customer(self, customer_id: str, body: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
+        """PUT semantics chosen for the simulator: merge the fields present, ignore read-only ones.
+
+        ``replace=True`` serves the other reading of the API (§4.1): a writable field absent from
+        the body is cleared (the group falls back to the default group), so a partial PUT loses data.
+        """
         with self.lock:
             customer = self.live_customer(customer_id)
             if customer is None:
                 raise StoreError(f"unknown or deleted customer {customer_id}", 404)
-            changes = {k: v for k, v in body.items() if k not in CUSTOMER_READ_ONLY and k in customer}
+            known = set(customer) | set(CUSTOM_FIELDS)
+            changes = {k: v for k, v in body.items() if k not in CUSTOMER_READ_ONLY and k in known}
+            if replace:
+                cleared = {k: None for k in customer if k not in CUSTOMER_READ_ONLY and k not in changes}
+                cleared.pop("customer_group_id", None)
+                changes = {**cleared, "enable_loyalty": False, **changes}
+                changes.setdefault("customer_group_id", self.default_group_id())
+            for key in CUSTOM_FIELDS:
+                if key in changes and changes[key] is not None and not isinstance(changes[key], str):
+                    raise StoreError(f"{key} must be a string or null")
             if "customer_group_id" in changes:
                 group_id = changes["customer_group_id"]
                 if not isinstance(group_id, str) or self.live_group(group_id) is None:

@@ -463,3 +463,4 @@ class SyncLog(TypedDict):
     left_out_by_approval: NotRequired[dict[str, Any]]
     group_counts_match: NotRequired[bool | None]
     group_counts: NotRequired[dict[str, TierGroupCount] | None]
+    progress: NotRequired[dict[str, Any]]  # progress at the till (sync/progress.py)

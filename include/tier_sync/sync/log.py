@@ -309,8 +309,12 @@ def finish_sync(
     group_check: GroupCheck | Mapping[str, Any] | None = None,
     dry_run: bool = False,
     no_plan_reason: str | None = None,
+    progress: Mapping[str, Any] | None = None,
 ) -> SyncLog:
     """The write_sync_log task: aggregate plan.json + every batch result, write the log, return it.
+
+    ``progress`` is the till-progress section (`progress.finish_progress`), logged as is; its
+    requests are added to ``api``.
 
     Works when nothing was planned, when batches failed or left no XCom, and when plan_sync never
     finished (then the log says so). Does not raise for sync errors: call
@@ -330,6 +334,9 @@ def finish_sync(
         started_at=plan.started,
         approval=plan.approval,
     )
+    if progress is not None:
+        log_doc["progress"] = dict(progress)
+        log_doc["api"] = sum_api(log_doc["api"], progress.get("api"))
     write_sync_log(log_doc, paths)
     log.info(
         "Sync log: synced=%s planned=%s updated=%s skipped=%s changed_in_pos=%s errors=%s requests=%s",

@@ -1,0 +1,250 @@
+"""Progress at the till (issue 18, opt-in): a short text per customer in a custom field of the POS.
+
+The retailer picks the field (`settings.progress_field`, Variable `tier_sync_progress_field`,
+off by default). After the group sync, `plan_progress` computes every customer's text
+(`explain.progress_text`, the page's "what next") and keeps only those whose text or record
+changed since our last write; mapped `progress_batch` instances (same pool, client and request
+budget as `sync_batch`; `progress_write.py`) write them; `finish_progress` (in write_sync_log)
+adds the `progress` section to the sync log and updates the state file.
+
+* **Only what changed.** The state file `till_progress_state.json` (data dir) holds, per customer,
+  the text we last wrote and the record's version our write left. A customer is written again only
+  when the wanted text differs, or the order store holds a newer version (a person edited the
+  record, maybe the field). So a second run sends nothing, and our own write, which bumps the
+  version, is recognised as ours (its version is the one we recorded).
+* **Never a protected customer**: anyone whose live group the sync may not move (Staff, Wholesale,
+  any non-tier group; `GroupMap.is_managed`) is skipped here and re-checked before each write.
+* **Writes follow the sync's decision**: a dry run, back-fill, superseded run or an undispatched
+  plan (breaker, refused approval) plans and logs but writes nothing.
+
+Files (the only place their names are spelled): ``runs/<key>/till_progress/plan.json``,
+``batch-NNNN.json`` with ``.result.json`` / ``.progress.json`` beside each. pandas is imported
+only inside `plan_progress`'s helpers; the finish step imports none.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from include.tier_sync import fileio
+from include.tier_sync.runtime import iso
+from include.tier_sync.sync.contracts import FORMAT_VERSION, format_version_of, is_null, sum_api
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from include.tier_sync.ledger import RunPaths
+    from include.tier_sync.rules import TierRules
+    from include.tier_sync.sync.groups import GroupMap
+
+log = logging.getLogger(__name__)
+
+DIR = "till_progress"
+STATE_FILE = "till_progress_state.json"
+PLAN_FILE = "plan.json"
+BATCH_FILE_PATTERN = "batch-{index:04d}.json"
+RESULT_SUFFIX = ".result.json"
+PROGRESS_SUFFIX = ".progress.json"
+BATCH_SIZE = 250  # customers per mapped instance: about 500 requests (GET + PUT each)
+MAX_BATCHES = 256
+COUNTS = ("written", "unchanged", "skipped_protected", "skipped_deleted", "failed")
+
+
+class ProgressFailed(RuntimeError):
+    """Some progress texts could not be written; raised after the sync log is written."""
+
+
+# -- paths ---------------------------------------------------------------------------------------
+
+
+def progress_dir(paths: RunPaths) -> str:
+    return fileio.join(paths.run_dir, DIR)
+
+
+def plan_file(paths: RunPaths) -> str:
+    return fileio.join(progress_dir(paths), PLAN_FILE)
+
+
+def state_file(paths: RunPaths) -> str:
+    return fileio.join(paths.data_dir, STATE_FILE)
+
+
+def beside(ref: str, suffix: str) -> str:
+    """The result / progress file next to a batch file."""
+    return ref[: -len(".json")] + suffix
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+def read_state(paths: RunPaths, field: str) -> dict[str, dict[str, Any]]:
+    """customer id -> {"text", "version"} of our last write into ``field`` ({} for another field)."""
+    raw = fileio.read_json(state_file(paths))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("customers"), dict):
+        raise ValueError(f"{state_file(paths)} is not a progress state file (no `customers` object)")
+    format_version_of(raw, state_file(paths))
+    if raw.get("field") != field:
+        log.warning("Progress state is for %s, not %s: every customer is checked again", raw.get("field"), field)
+        return {}
+    return dict(raw["customers"])
+
+
+def write_state(paths: RunPaths, field: str, customers: Mapping[str, Mapping[str, Any]]) -> None:
+    fileio.write_json(
+        state_file(paths),
+        {"format_version": FORMAT_VERSION, "field": field, "customers": dict(sorted(customers.items()))},
+    )
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+def wanted_texts(master: pd.DataFrame, rules: TierRules) -> dict[str, str]:
+    """customer id -> progress text, from the master CSV's figures (its tier is checked, not trusted)."""
+    from include.tier_sync.explain import progress_text, tier_of
+    from include.tier_sync.money import to_cents
+
+    out: dict[str, str] = {}
+    rows = zip(master["Customer ID"], master["Tier"], master["Lifetime Value"], master["Order Count"],
+               master["Purchases Last 30 Days"], master["Loyalty Member"], strict=True)
+    for cid, tier, ltv, orders, window, loyal in rows:
+        ltv_cents, n, w, member = to_cents(ltv), int(orders), int(window), str(loyal).strip().lower() == "true"
+        if tier_of(ltv_cents, n, w, member, rules) != str(tier):
+            raise ValueError(f"master CSV: customer {cid}'s tier {tier!r} does not follow from its figures")
+        out[str(cid)] = progress_text(str(tier), ltv_cents, n, w, member, rules)
+    return out
+
+
+def _live(current: pd.DataFrame) -> dict[str, tuple[str | None, bool, int]]:
+    """id -> (group or None, deleted, version) of the newest extracted version of each customer."""
+    from include.tier_sync.sync.plan import live_customers
+
+    frame = live_customers(current)
+    out: dict[str, tuple[str | None, bool, int]] = {}
+    for cid, gid, deleted, version in zip(frame["id"], frame["customer_group_id"], frame["deleted_at"],
+                                          frame["version"], strict=True):
+        out[str(cid)] = (None if is_null(gid) else str(gid), not is_null(deleted), int(version))
+    return out
+
+
+def _sort(texts: Mapping[str, str], live: Mapping[str, tuple[str | None, bool, int]], groups: GroupMap,
+          state: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Who needs a write (customer_id, text), and the counts of everyone else."""
+    counts = dict.fromkeys(("unchanged", "skipped_protected", "skipped_deleted", "missing"), 0)
+    todo: list[dict[str, str]] = []
+    for cid, text in sorted(texts.items()):
+        found = live.get(cid)
+        if found is None:
+            counts["missing"] += 1
+            continue
+        group, deleted, version = found
+        if deleted:
+            counts["skipped_deleted"] += 1
+        elif not groups.is_managed(group):
+            counts["skipped_protected"] += 1
+        elif (ours := state.get(cid)) and ours.get("text") == text and version <= int(ours.get("version") or -1):
+            counts["unchanged"] += 1
+        else:
+            todo.append({"customer_id": cid, "text": text})
+    return todo, counts
+
+
+def _sync_decision(paths: RunPaths) -> tuple[Mapping[str, Any], bool, str | None]:
+    """The group sync's plan.json, whether this run writes to the POS, and why not."""
+    from include.tier_sync.sync.batches import read_plan_doc
+
+    doc = read_plan_doc(paths)
+    if doc is None or not doc.get("groups"):
+        raise ValueError("no sync plan for this run (plan_sync did not finish): progress cannot tell who is protected")
+    writes = bool(doc.get("writes_allowed")) and bool(doc.get("dispatched", True))
+    reason = None if writes else str(doc.get("skipped_reason") or "the group sync did not write")
+    return doc, writes, reason
+
+
+def plan_progress(paths: RunPaths, master: pd.DataFrame, current: pd.DataFrame, rules: TierRules, *,
+                  field: str, dry_run: bool = False) -> list[dict[str, Any]]:
+    """The plan_progress step: texts, who changed, batch files and plan.json; refs to map over
+    ([] when nothing is to be written or this run may not write)."""
+    from include.tier_sync.sync.groups import GroupMap
+
+    doc, writes, reason = _sync_decision(paths)
+    groups = GroupMap.from_dict(doc["groups"])
+    todo, counts = _sort(wanted_texts(master, rules), _live(current), groups, read_state(paths, field))
+    plan_id = uuid.uuid4().hex
+    size = max(BATCH_SIZE, math.ceil(len(todo) / MAX_BATCHES))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)] if writes else []
+    refs = [_write_batch(paths, plan_id, field, groups, chunk, i + 1, len(chunks), writes)
+            for i, chunk in enumerate(chunks)]
+    fileio.write_json(plan_file(paths), {
+        "format_version": FORMAT_VERSION, "plan_id": plan_id, "field": field, "as_of": iso(paths.as_of),
+        "started_at": iso(datetime.now(UTC)), "dry_run": bool(dry_run), "writes_allowed": writes,
+        "skipped_reason": reason, "planned": len(todo), "counts": counts, "refs": refs,
+    })
+    log.info("Progress at the till (%s): %s to write in %s batches, %s unchanged, %s protected%s",
+             field, len(todo), len(refs), counts["unchanged"], counts["skipped_protected"],
+             "" if writes else f"; nothing is written: {reason}")
+    return refs
+
+
+def _write_batch(paths: RunPaths, plan_id: str, field: str, groups: GroupMap, items: list[dict[str, str]],
+                 index: int, total: int, writes: bool) -> dict[str, Any]:
+    ref = fileio.join(progress_dir(paths), BATCH_FILE_PATTERN.format(index=index))
+    fileio.write_json(ref, {"format_version": FORMAT_VERSION, "plan_id": plan_id, "index": index, "of": total,
+                            "field": field, "groups": groups.as_dict(), "items": items})
+    return {"ref": ref, "size": len(items), "writes_allowed": writes,
+            "batch": f"progress {index}/{total} ({len(items)})"}
+
+
+# -- finish (write_sync_log) ---------------------------------------------------------------------
+
+
+def _result_of(ref: Mapping[str, Any], plan_id: str) -> dict[str, Any]:
+    """A batch's result file; a missing or failed one counts every customer it did not finish as failed."""
+    found = fileio.read_json(beside(str(ref["ref"]), RESULT_SUFFIX))
+    result = dict(found) if isinstance(found, dict) and found.get("plan_id") == plan_id else {}
+    done = sum(int(result.get(k) or 0) for k in COUNTS if k != "failed")
+    if result.get("status") != "done":
+        error = result.get("error") or "batch did not finish"
+        result["failed"] = int(ref["size"]) - done
+        result.setdefault("failed_details", []).append({"customer_id": None, "error": f"batch failed: {error}"})
+    return result
+
+
+def finish_progress(paths: RunPaths) -> dict[str, Any]:
+    """The sync log's `progress` section; saves what was written into the state file first."""
+    doc = fileio.read_json(plan_file(paths))
+    if not isinstance(doc, dict):
+        return {"enabled": False, "reason": "no progress plan for this run (the setting is off, or plan_progress did not run)"}
+    format_version_of(doc, plan_file(paths))
+    results = [_result_of(ref, str(doc["plan_id"])) for ref in doc.get("refs") or []]
+    counts = {k: int((doc.get("counts") or {}).get(k) or 0) for k in COUNTS if k != "written"}
+    counts = {"written": 0, **counts, "failed": 0}
+    for r in results:
+        for k in COUNTS:
+            counts[k] += int(r.get(k) or 0)
+    if results:
+        state = read_state(paths, str(doc["field"]))
+        for r in results:
+            state.update(r.get("versions") or {})
+        write_state(paths, str(doc["field"]), state)
+    details = [d for r in results for d in r.get("failed_details") or []]
+    return {"enabled": True, "field": doc["field"], "dry_run": bool(doc.get("dry_run")),
+            "writes_allowed": bool(doc.get("writes_allowed")), "skipped_reason": doc.get("skipped_reason"),
+            "planned": int(doc.get("planned") or 0), **counts,
+            "missing": int((doc.get("counts") or {}).get("missing") or 0), "batches": len(results),
+            "failed_details": details[:50], "api": sum_api(*(r.get("api") for r in results))}
+
+
+def raise_for_progress_errors(section: Mapping[str, Any]) -> None:
+    """Fail the run (after the log is written) when any text could not be written."""
+    if int(section.get("failed") or 0) > 0:
+        sample = ", ".join(str(d.get("customer_id")) for d in list(section.get("failed_details") or [])[:5])
+        raise ProgressFailed(f"{section['failed']} progress texts could not be written to {section.get('field')} "
+                             f"(e.g. {sample}); see the progress section of tier_sync_log.json")
