@@ -164,3 +164,18 @@ def expected_sales(
         return [(sid, reason) for _, sid, reason in [*dated, *undated]]
 
     return order(counting), order(not_counting)
+
+
+NEXT_THRESHOLD = {"First Time Buyer": ("Sprout", 25000), "Seed": ("Sprout", 25000), "Sprout": ("Bloom", 75000),
+                  "Bloom": ("Evergreen", 150000)}
+
+
+def progress_text(e: Expected) -> str:
+    """The till's progress text (README "Progress at the till"): tier, then the spend to the next one."""
+    if e.tier == "None":
+        return f"No tier yet · first purchase to {'Seed' if e.loyalty else 'First Time Buyer'}"
+    if e.tier == "Evergreen":
+        return "Evergreen · top tier"
+    target, threshold = NEXT_THRESHOLD[e.tier]
+    gap = max(threshold - e.ltv_cents, 1)
+    return f"{e.tier} · ${gap // 100}.{gap % 100:02d} to {target}"
