@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio
 from include.tier_sync.runtime import iso
-from include.tier_sync.sync.contracts import FORMAT_VERSION, format_version_of, is_null, sum_api
+from include.tier_sync.sync.contracts import FORMAT_VERSION, format_version_of, sum_api
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,14 +124,11 @@ def wanted_texts(master: pd.DataFrame, rules: TierRules) -> dict[str, str]:
 
 def _live(current: pd.DataFrame) -> dict[str, tuple[str | None, bool, int]]:
     """id -> (group or None, deleted, version) of the newest extracted version of each customer."""
-    from include.tier_sync.sync.plan import live_customers
+    from include.tier_sync.sync.plan import _current_groups, live_customers
 
     frame = live_customers(current)
-    out: dict[str, tuple[str | None, bool, int]] = {}
-    for cid, gid, deleted, version in zip(frame["id"], frame["customer_group_id"], frame["deleted_at"],
-                                          frame["version"], strict=True):
-        out[str(cid)] = (None if is_null(gid) else str(gid), not is_null(deleted), int(version))
-    return out
+    versions = dict(zip(frame["id"].astype(str), frame["version"].astype("int64"), strict=True))
+    return {cid: (group, deleted, int(versions[cid])) for cid, (group, deleted) in _current_groups(frame).items()}
 
 
 def _sort(texts: Mapping[str, str], live: Mapping[str, tuple[str | None, bool, int]], groups: GroupMap,
