@@ -448,12 +448,17 @@ def plan_progress_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     if field is None:
         raise AirflowSkipException(f"Progress at the till is off (Variable {settings.VAR_PROGRESS_FIELD} unset)")
     from include.tier_sync.store import OrderStore
-    from include.tier_sync.sync.progress import plan_progress
+    from include.tier_sync.sync.batches import read_plan_doc
+    from include.tier_sync.sync.progress import NoSyncPlan, plan_progress
 
     paths = run_paths(context)
     try:
+        if read_plan_doc(paths) is None:  # before reading the master, which a failed run may lack
+            raise NoSyncPlan("no sync plan for this run (plan_sync did not finish): nothing is shown at the till")
         return plan_progress(paths, _read_master(paths), OrderStore(paths.store).read("customers"),
                              settings.load_tier_rules(), field=field, dry_run=bool(_params(context).get("dry_run")))
+    except NoSyncPlan as exc:  # the failed task upstream is the run's failure (and its alert)
+        raise AirflowSkipException(str(exc)) from exc
     except ValueError as exc:
         _fail(f"Progress at the till: {exc}", exc)
         raise AssertionError("unreachable") from exc

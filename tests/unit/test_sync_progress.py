@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,3 +220,25 @@ def test_bad_settings_are_refused_naming_the_variable(raw: str) -> None:
 def test_the_setting_is_off_by_default() -> None:
     assert settings.check_progress_field(None) is None and settings.check_progress_field("  ") is None
     assert settings.check_progress_field(" custom_field_4 ") == "custom_field_4"
+
+
+def _task_context() -> dict[str, Any]:
+    return {"data_interval_start": NOW - timedelta(days=1), "data_interval_end": NOW, "params": {}}
+
+
+def test_the_task_skips_when_off_and_fails_naming_a_bad_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from include.tier_sync.tasks import plan_progress_task
+
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_PROGRESS_FIELD", "")
+    with pytest.raises(AirflowSkipException, match=settings.VAR_PROGRESS_FIELD):
+        plan_progress_task(_task_context())
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_PROGRESS_FIELD", "note")
+    with pytest.raises(AirflowFailException, match=settings.VAR_PROGRESS_FIELD):
+        plan_progress_task(_task_context())
+    monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_PROGRESS_FIELD", FIELD)
+    with pytest.raises(AirflowSkipException, match="no sync plan"):  # the group sync failed upstream
+        plan_progress_task(_task_context())
+    assert not list(tmp_path.rglob("*.json"))

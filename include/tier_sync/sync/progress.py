@@ -59,6 +59,10 @@ class ProgressFailed(RuntimeError):
     """Some progress texts could not be written; raised after the sync log is written."""
 
 
+class NoSyncPlan(LookupError):
+    """The group sync left no plan (it failed or never ran): the run has already failed upstream."""
+
+
 # -- paths ---------------------------------------------------------------------------------------
 
 
@@ -159,7 +163,7 @@ def _sync_decision(paths: RunPaths) -> tuple[Mapping[str, Any], bool, str | None
 
     doc = read_plan_doc(paths)
     if doc is None or not doc.get("groups"):
-        raise ValueError("no sync plan for this run (plan_sync did not finish): progress cannot tell who is protected")
+        raise NoSyncPlan("no sync plan for this run (plan_sync did not finish): nothing is shown at the till")
     writes = bool(doc.get("writes_allowed")) and bool(doc.get("dispatched", True))
     reason = None if writes else str(doc.get("skipped_reason") or "the group sync did not write")
     return doc, writes, reason
