@@ -41,6 +41,12 @@ def test_every_customer_shows_the_oracles_progress_and_a_second_run_writes_nothi
     before = {cid: dict(c) for cid, c in store.customers.items()}
     expected = oracle.expected_tiers(store.customers, store.sales, AS_OF)
 
+    state, output = dep.dags_test(conf={"dry_run": True})  # plans and logs the texts, writes nothing
+    assert state == "success", output[-4000:]
+    assert dep.writes() == [] and not any(c[FIELD] for c in store.customers.values())
+    dry = dep.sync_log()["progress"]
+    assert dry["dry_run"] is True and dry["planned"] > 50 and dry["written"] == 0 and dry["batches"] == 0
+
     state, output = dep.dags_test(conf={"allow_mass_change": True})
     assert state == "success", output[-4000:]
     final = dep.final_group_names()
