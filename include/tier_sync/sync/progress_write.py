@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from include.tier_sync.lightspeed import LightspeedClient
 
 log = logging.getLogger(__name__)
-CHUNK = 25  # customers recorded as attempted per progress-file write
 
 
 def _new_result(ref: str, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,22 +75,31 @@ def _attempted(progress_file: str, plan_id: Any) -> set[str]:
     return set(raw.get("attempted") or []) if raw.get("plan_id") == plan_id else set()
 
 
+@dataclass
+class _Sent:
+    """The ids this batch PUT (or was about to), kept in its ``.progress.json`` before each PUT."""
+
+    path: str
+    plan_id: Any
+    earlier: set[str]  # sent by an earlier attempt: found already right, they count as written
+    ids: set[str]
+
+    def add(self, cid: str) -> None:
+        self.ids.add(cid)
+        fileio.write_json(self.path, {"plan_id": self.plan_id, "attempted": sorted(self.ids)})
+
+
 def _write_items(client: LightspeedClient, batch: Mapping[str, Any], result: dict[str, Any],
                  progress_file: str) -> None:
     field, groups = str(batch["field"]), GroupMap.from_dict(batch["groups"])
-    earlier = _attempted(progress_file, batch.get("plan_id"))  # sent by an earlier attempt of this batch
-    attempted = set(earlier)
-    items = list(batch["items"])
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start:start + CHUNK]
-        attempted.update(str(i["customer_id"]) for i in chunk)
-        fileio.write_json(progress_file, {"plan_id": batch.get("plan_id"), "attempted": sorted(attempted)})
-        for item in chunk:
-            _write_one(client, str(item["customer_id"]), str(item["text"]), field, groups, earlier, result)
+    earlier = _attempted(progress_file, batch.get("plan_id"))
+    sent = _Sent(progress_file, batch.get("plan_id"), earlier, set(earlier))
+    for item in batch["items"]:
+        _write_one(client, str(item["customer_id"]), str(item["text"]), field, groups, sent, result)
 
 
 def _write_one(client: LightspeedClient, cid: str, text: str, field: str, groups: GroupMap,
-               earlier: set[str], result: dict[str, Any]) -> None:
+               sent: _Sent, result: dict[str, Any]) -> None:
     from include.tier_sync.lightspeed import LightspeedClientError, LightspeedNotFound
 
     try:
@@ -103,10 +112,11 @@ def _write_one(client: LightspeedClient, cid: str, text: str, field: str, groups
             result["skipped_protected"] += 1  # a person put them in Staff / Wholesale meanwhile
             return
         if customer.get(field) == text:
-            result["written" if cid in earlier else "unchanged"] += 1  # ours landed before a retry
+            result["written" if cid in sent.earlier else "unchanged"] += 1  # ours landed before a retry
             result["versions"][cid] = {"text": text, "version": customer.get("version")}
             return
         customer[field] = text
+        sent.add(cid)
         answer = client.put_customer(cid, customer)
     except LightspeedNotFound:
         _fail(result, cid, "not found (HTTP 404)")
