@@ -242,3 +242,18 @@ def test_the_task_skips_when_off_and_fails_naming_a_bad_variable(tmp_path: Path,
     with pytest.raises(AirflowSkipException, match="no sync plan"):  # the group sync failed upstream
         plan_progress_task(_task_context())
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_the_text_follows_the_oracle_on_the_planted_cases_to_the_cent() -> None:
+    from include.tier_sync.explain import progress_text
+    from tests.unit.test_explain import CASES
+
+    texts = {}
+    for name, case in CASES.items():
+        e = case.expected()
+        texts[name] = progress_text(e.tier, e.ltv_cents, e.orders, e.last_30, e.loyalty, RULES)
+        assert texts[name] == oracle.progress_text(e), name
+    assert texts["sprout by value, $42.10 short of Bloom"] == "Sprout · $42.10 to Bloom"
+    assert texts["evergreen at the threshold"] == "Evergreen · top tier"
+    assert texts["bloom one cent over"] == "Bloom · $749.99 to Evergreen"
+    assert texts["no purchase yet"] == "No tier yet · first purchase to Seed"
