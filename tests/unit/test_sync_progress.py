@@ -161,6 +161,10 @@ def test_faults_still_end_exact_without_duplicate_writes(demo: SimServer, tmp_pa
     assert section["api"]["retries"] >= 6
 
 
+def refs_plan_id(paths: RunPaths) -> str:
+    return str(json.loads(Path(progress.plan_file(paths)).read_text())["plan_id"])
+
+
 def test_a_failed_batch_is_retried_idempotently(demo: SimServer, tmp_path: Path) -> None:
     before = fields(demo)
     current, _ = extract_customers(client_for(demo))
@@ -170,7 +174,11 @@ def test_a_failed_batch_is_retried_idempotently(demo: SimServer, tmp_path: Path)
     demo.faults.add("apply_then_500", method="PUT", path=ONE, skip=30, times=1)  # lands, answered 500
     with pytest.raises(LightspeedUnavailable):  # no client retries: the batch fails, "Airflow" retries it
         write_progress_batch(refs[0], client_for(demo, max_retries=0), writes_allowed=True)
-    assert progress.finish_progress(paths)["failed"] > 0  # a log written now says so
+    early = progress.finish_progress(paths)  # a log written now names every customer not written
+    first = [i["customer_id"] for i in json.loads(Path(refs[0]["ref"]).read_text())["items"]][:30]
+    assert early["written"] == 30 and early["failed"] == sum(r["size"] for r in refs) - 30
+    named = {d["customer_id"] for r in refs for d in progress._result_of(r, refs_plan_id(paths))["failed_details"]}
+    assert named == {i["customer_id"] for r in refs for i in json.loads(Path(r["ref"]).read_text())["items"]} - set(first)
     for ref in refs:
         write_progress_batch(ref, client_for(demo), writes_allowed=True)
     section = progress.finish_progress(paths)

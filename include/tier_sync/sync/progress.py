@@ -210,11 +210,14 @@ def _result_of(ref: Mapping[str, Any], plan_id: str) -> dict[str, Any]:
     """A batch's result file; a missing or failed one counts every customer it did not finish as failed."""
     found = fileio.read_json(beside(str(ref["ref"]), RESULT_SUFFIX))
     result = dict(found) if isinstance(found, dict) and found.get("plan_id") == plan_id else {}
-    done = sum(int(result.get(k) or 0) for k in COUNTS if k != "failed")
-    if result.get("status") != "done":
-        error = result.get("error") or "batch did not finish"
-        result["failed"] = int(ref["size"]) - done
-        result.setdefault("failed_details", []).append({"customer_id": None, "error": f"batch failed: {error}"})
+    if result.get("status") != "done":  # every customer it did not finish is a failure, by id
+        error = f"batch failed: {result.get('error') or 'batch did not finish'}"
+        batch = fileio.read_json(str(ref["ref"])) or {}
+        done = set(result.get("done_ids") or [])
+        left = [str(i["customer_id"]) for i in batch.get("items") or [] if str(i["customer_id"]) not in done]
+        result["failed_details"] = [d for d in result.get("failed_details") or [] if d.get("customer_id") in done]
+        result["failed_details"] += [{"customer_id": cid, "error": error} for cid in left]
+        result["failed"] = len(result["failed_details"])
     return result
 
 

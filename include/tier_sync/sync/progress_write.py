@@ -35,7 +35,7 @@ def _new_result(ref: str, batch: Mapping[str, Any]) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "ref": ref, "plan_id": batch.get("plan_id"),
             "index": batch.get("index"), "size": len(batch.get("items") or []), "status": "running",
             "written": 0, "unchanged": 0, "skipped_protected": 0, "skipped_deleted": 0, "failed": 0,
-            "failed_details": [], "versions": {}}
+            "failed_details": [], "versions": {}, "done_ids": []}
 
 
 def _read_batch(ref: str) -> dict[str, Any]:
@@ -48,7 +48,8 @@ def _read_batch(ref: str) -> dict[str, Any]:
 
 def write_progress_batch(ref: Mapping[str, Any] | str, client: LightspeedClient, *,
                          writes_allowed: bool) -> dict[str, Any]:
-    """Write one batch's texts (`ref`: the plan's ref or the batch file's path); returns its result."""
+    """Write one batch's texts (`ref`: the plan's ref or the batch file's path); returns its result
+    without the per-customer lists (those stay in the result file)."""
     path = str(ref["ref"]) if isinstance(ref, Mapping) else str(ref)
     batch = _read_batch(path)
     result = _new_result(path, batch)
@@ -67,7 +68,7 @@ def write_progress_batch(ref: Mapping[str, Any] | str, client: LightspeedClient,
     log.info("Progress batch %s/%s: %s written, %s unchanged, %s protected, %s deleted, %s failed; %s requests",
              batch.get("index"), batch.get("of"), result["written"], result["unchanged"],
              result["skipped_protected"], result["skipped_deleted"], result["failed"], result["api"]["requests"])
-    return result
+    return {k: v for k, v in result.items() if k not in ("versions", "done_ids")}  # the XCom: counts only
 
 
 def _attempted(progress_file: str, plan_id: Any) -> set[str]:
@@ -96,6 +97,7 @@ def _write_items(client: LightspeedClient, batch: Mapping[str, Any], result: dic
     sent = _Sent(progress_file, batch.get("plan_id"), earlier, set(earlier))
     for item in batch["items"]:
         _write_one(client, str(item["customer_id"]), str(item["text"]), field, groups, sent, result)
+        result["done_ids"].append(str(item["customer_id"]))  # whatever the outcome: finished
 
 
 def _write_one(client: LightspeedClient, cid: str, text: str, field: str, groups: GroupMap,
