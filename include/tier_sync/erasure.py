@@ -5,7 +5,8 @@
 - the master CSV and `tier_changes.csv` at the data dir root and in every run folder (its own and
   its `published/` copy; every folder under `runs/`, dated in the future or not);
 - every JSON file under `runs/` (sync plan and batches, batch results, expected members, group
-  check, sync logs, validation reports) and the root `tier_sync_log.json` / `validation/latest.json`:
+  check, sync logs, validation reports) and the root `tier_sync_log.json` / `validation/latest.json` /
+  `till_progress_state.json`:
   list items naming the customer (their id, or a dict whose `customer_id` / `Customer ID` / `id`
   is theirs, or one of their identifying values: code, email, phone, name) and keys equal to the id;
 - the order store: every segment holding one of their customer versions or sales is rewritten
@@ -146,7 +147,9 @@ def _plan_csv(plan: _Plan, url: str, cid: str) -> None:
 
 
 def _json_files(paths: RunPaths) -> list[str]:
-    out = [u for u in (paths.sync_log, paths.latest_validation_json) if fileio.exists(u)]
+    from include.tier_sync.sync.progress import state_file  # progress at the till: id -> text
+
+    out = [u for u in (paths.sync_log, paths.latest_validation_json, state_file(paths)) if fileio.exists(u)]
     out += [fileio.join(paths.runs_dir, r) for r in fileio.walk_files(paths.runs_dir) if r.endswith(".json")]
     return out
 

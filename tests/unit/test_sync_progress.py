@@ -265,3 +265,13 @@ def test_the_text_follows_the_oracle_on_the_planted_cases_to_the_cent() -> None:
     assert texts["evergreen at the threshold"] == "Evergreen · top tier"
     assert texts["bloom one cent over"] == "Bloom · $749.99 to Evergreen"
     assert texts["no purchase yet"] == "No tier yet · first purchase to Seed"
+
+
+def test_erasing_a_customer_removes_them_from_the_progress_state(tmp_path: Path) -> None:
+    from include.tier_sync.erasure import erase_customer
+
+    paths = RunPaths(str(tmp_path), NOW)
+    progress.write_state(paths, FIELD, {"c1": {"text": "Seed · $10.00 to Sprout", "version": 5},
+                                        "c2": {"text": "Evergreen · top tier", "version": 7}})
+    erase_customer(str(tmp_path), "c1")
+    assert progress.read_state(paths, FIELD) == {"c2": {"text": "Evergreen · top tier", "version": 7}}
