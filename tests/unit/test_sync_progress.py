@@ -275,3 +275,14 @@ def test_erasing_a_customer_removes_them_from_the_progress_state(tmp_path: Path)
                                         "c2": {"text": "Evergreen · top tier", "version": 7}})
     erase_customer(str(tmp_path), "c1")
     assert progress.read_state(paths, FIELD) == {"c2": {"text": "Evergreen · top tier", "version": 7}}
+
+
+def test_a_master_whose_tier_does_not_follow_from_its_figures_is_refused(demo: SimServer, tmp_path: Path) -> None:
+    current, _ = extract_customers(client_for(demo))
+    full_run(demo, tmp_path, dry_run=True)
+    master = master_frame(demo, NOW)
+    row = master.index[master["Tier"] == "Bloom"][0]
+    master.loc[row, "Tier"] = "Evergreen"
+    with pytest.raises(ValueError, match="does not follow from their figures"):
+        progress.plan_progress(RunPaths(str(tmp_path), NOW), master, current, RULES, field=FIELD)
+    assert not Path(progress.plan_file(RunPaths(str(tmp_path), NOW))).exists() and not puts(demo)

@@ -112,18 +112,20 @@ def write_state(paths: RunPaths, field: str, customers: Mapping[str, Mapping[str
 
 def wanted_texts(master: pd.DataFrame, rules: TierRules) -> dict[str, str]:
     """customer id -> progress text, from the master CSV's figures (its tier is checked, not trusted)."""
-    from include.tier_sync.explain import progress_text, tier_of
+    from include.tier_sync.explain import progress_text
     from include.tier_sync.money import to_cents
+    from include.tier_sync.rules import assign_tiers
 
-    out: dict[str, str] = {}
-    rows = zip(master["Customer ID"], master["Tier"], master["Lifetime Value"], master["Order Count"],
-               master["Purchases Last 30 Days"], master["Loyalty Member"], strict=True)
-    for cid, tier, ltv, orders, window, loyal in rows:
-        ltv_cents, n, w, member = to_cents(ltv), int(orders), int(window), str(loyal).strip().lower() == "true"
-        if tier_of(ltv_cents, n, w, member, rules) != str(tier):
-            raise ValueError(f"master CSV: customer {cid}'s tier {tier!r} does not follow from its figures")
-        out[str(cid)] = progress_text(str(tier), ltv_cents, n, w, member, rules)
-    return out
+    ids, tiers = [str(v) for v in master["Customer ID"]], [str(v) for v in master["Tier"]]
+    ltv = [to_cents(v) for v in master["Lifetime Value"]]
+    orders, window = [int(v) for v in master["Order Count"]], [int(v) for v in master["Purchases Last 30 Days"]]
+    loyal = [str(v).strip().lower() == "true" for v in master["Loyalty Member"]]
+    wrong = [cid for cid, t, ok in zip(ids, tiers, assign_tiers(ltv, orders, window, loyal, rules), strict=True)
+             if t != str(ok)]
+    if wrong:
+        raise ValueError(f"master CSV: the tier of {len(wrong)} customers (e.g. {wrong[0]}) does not follow from their figures")
+    rows = zip(ids, tiers, ltv, orders, window, loyal, strict=True)
+    return {cid: progress_text(t, c, n, w, m, rules) for cid, t, c, n, w, m in rows}
 
 
 def _live(current: pd.DataFrame) -> dict[str, tuple[str | None, bool, int]]:
