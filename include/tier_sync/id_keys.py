@@ -144,34 +144,46 @@ def repeated(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, I64, int]:
     """The rows whose (non-null) value occurs more than once, dense codes of their values among
     them, and how many such values. Every other non-null row holds a value of its own.
 
-    Fixed-width ids: sort the 64-bit hashes (cheaper than hashing them again) and group only the
-    rows whose hash repeats, checking their bytes; in a daily store most ids have one version.
+    Fixed-width ids: sort the 64-bit hashes (a plain sort, several times cheaper than an argsort)
+    to find the hashes that repeat, then pick their rows through a bit table of those hashes,
+    checking their bytes; in a daily store most ids have one version.
     """
     words = Words.of(arr)
     if words is not None:
         h = words.hashes()
-        order = np.argsort(h)
-        ordered = h[order]
+        ordered = np.sort(h)
         same = ordered[1:] == ordered[:-1]
         if not same.any():
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
-        marked = np.zeros(len(h), dtype=bool)
-        marked[1:] = same
-        marked[:-1] |= same
-        cand = np.sort(order[marked])
-        del order, ordered, same, marked
-        codes, uniques = pd.factorize(h[cand])
-        codes = np.asarray(codes, dtype=np.int64)
-        ref = np.empty(len(uniques), dtype=np.int64)
+        dup = ordered[1:][same]
+        dup = dup[np.concatenate(([True], dup[1:] != dup[:-1]))]  # sorted: each repeated hash once
+        del ordered, same
+        cand, codes = _rows_of(h, dup)
+        ref = np.empty(len(dup), dtype=np.int64)
         ref[codes] = np.arange(len(codes), dtype=np.int64)
         if bool((words.rows(cand) == words.rows(cand[ref[codes]])).all()):
-            return np.flatnonzero(words.valid)[cand], codes, len(uniques)
+            return np.flatnonzero(words.valid)[cand], codes, len(dup)
         log.warning("id hash collision: using the exact string hash (slower)")
     all_codes, size = codes_exact(arr)
     counts = np.bincount(all_codes[all_codes >= 0], minlength=size)
     rows = np.flatnonzero((all_codes >= 0) & (counts[np.maximum(all_codes, 0)] > 1))
     dense, uniques = pd.factorize(all_codes[rows])
     return rows, np.asarray(dense, dtype=np.int64), len(uniques)
+
+
+def _rows_of(h: I64, wanted: I64) -> tuple[I64, I64]:
+    """The rows of `h` whose value is among the (unique) `wanted`, ascending, and the index of
+    that value in `wanted`. A bit table of the wanted values' low bits rules out almost every row
+    with one gather; only the few left are looked up in a hash index."""
+    bits = min(max(int(len(wanted)).bit_length() + 4, 16), 28)
+    mask = np.int64((1 << bits) - 1)
+    table = np.zeros(1 << bits, dtype=bool)
+    table[wanted & mask] = True
+    near = np.flatnonzero(table[h & mask])
+    del table
+    at = np.asarray(pd.Index(wanted).get_indexer(h[near]), dtype=np.int64)
+    hit = at >= 0
+    return near[hit].astype(np.int64), at[hit]
 
 
 class Lookup:
