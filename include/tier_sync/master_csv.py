@@ -14,7 +14,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from include.tier_sync import fileio, ledger, spreadsheet
 from include.tier_sync.clv import (
@@ -22,6 +25,7 @@ from include.tier_sync.clv import (
     NAT,
     QUARANTINED_ATTR,
     US_PER_DAY,
+    arrow_strings,
     as_of_us,
     compute_customer_metrics,
     customer_positions,
@@ -65,6 +69,7 @@ CONTACT_COLUMNS: tuple[str, ...] = ("Name", "Email", "Phone")
 CHANGES_COLUMNS: tuple[str, ...] = ("Customer ID", "From", "To", "as_of")
 HISTORY_COLUMNS: tuple[str, ...] = ("as_of", "run_id", "tier", "count")
 _TEXT_COLUMNS = ("Customer ID", "Customer Code", "Name", "Email", "Phone")
+_STR = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' default str, backed by Arrow
 # Columns written as plain numbers (never "'"-prefixed, e.g. a refund's -12.50); "count" is tier_history's.
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "Lifetime Value",
@@ -83,13 +88,19 @@ class StoreReader(Protocol):
     def read(self, resource: str) -> pd.DataFrame: ...
 
 
+def _cents_text(cents: I64) -> pa.Array:
+    """Vectorised money.format_cents as Arrow strings: -1234 -> "-12.34"."""
+    cents = np.asarray(cents, dtype=np.int64)
+    magnitude = np.abs(cents)
+    whole = pc.cast(pa.array(magnitude // 100), pa.string())
+    frac = pc.utf8_lpad(pc.cast(pa.array(magnitude % 100), pa.string()), 2, "0")
+    sign = pc.if_else(pa.array(cents < 0), "-", "")
+    return pc.binary_join_element_wise(sign, whole, ".", frac, "")
+
+
 def format_cents_array(cents: I64) -> np.ndarray[Any, np.dtype[np.object_]]:
     """Vectorised money.format_cents: -1234 -> "-12.34"."""
-    cents = np.asarray(cents, dtype=np.int64)
-    whole = pd.Series(np.abs(cents) // 100).astype(str)
-    frac = pd.Series(np.abs(cents) % 100).astype(str).str.zfill(2)
-    sign = pd.Series(np.where(cents < 0, "-", ""))
-    return (sign + whole + "." + frac).to_numpy(dtype=object)
+    return np.asarray(_cents_text(cents).to_numpy(zero_copy_only=False), dtype=object)
 
 
 def div_half_up(num: I64, den: I64) -> I64:
@@ -98,33 +109,44 @@ def div_half_up(num: I64, den: I64) -> I64:
     return np.where(num < 0, -q, q).astype(np.int64)
 
 
-def format_us_array(us: I64) -> np.ndarray[Any, np.dtype[np.object_]]:
-    """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ` (the second floored); NaT as ""."""
+def _ints_text(values: I64, present: npt.NDArray[np.bool_] | None = None) -> pa.Array:
+    """Integers as decimal text ("" where not `present`)."""
+    text = pc.cast(pa.array(np.asarray(values, dtype=np.int64)), pa.string())
+    return text if present is None else pc.if_else(pa.array(present), text, "")
+
+
+def _instants_text(us: I64) -> pa.Array:
+    """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ` (the second floored); NaT as "".
+
+    numpy formats the seconds; the ASCII bytes go straight into an Arrow string buffer."""
     us = np.asarray(us, dtype=np.int64)
-    iso = np.datetime_as_string((us // 1_000_000).astype("datetime64[s]"), unit="s")
-    if iso.dtype != np.dtype("<U19"):  # a year outside 0000-9999: the plain way
-        text = np.char.add(iso, "Z").astype(object)
-    else:  # append the "Z" in place: the array's UTF-32 code units, one column more
-        codes = np.empty((len(us), 20), dtype=np.uint32)
-        codes[:, :19] = iso.view(np.uint32).reshape(len(us), 19)
-        codes[:, 19] = ord("Z")
-        text = codes.view("<U20").reshape(len(us)).astype(object)
-    text[us == NAT] = ""
-    return np.asarray(text, dtype=object)
+    valid = us != NAT
+    iso_text = np.datetime_as_string((us[valid] // 1_000_000).astype("datetime64[s]"), unit="s")
+    if iso_text.dtype != np.dtype("<U19"):  # a year outside 0000-9999: the plain way
+        text = np.full(len(us), "", dtype=object)
+        text[valid] = np.char.add(iso_text, "Z")
+        return pa.array(text.tolist(), type=pa.string())
+    codes = np.empty((len(iso_text), 20), dtype=np.uint8)
+    codes[:, :19] = iso_text.view(np.uint32).reshape(len(iso_text), 19)
+    codes[:, 19] = ord("Z")
+    offsets = np.zeros(len(us) + 1, dtype=np.int32)
+    np.cumsum(np.where(valid, 20, 0), out=offsets[1:])
+    return pa.StringArray.from_buffers(len(us), pa.py_buffer(offsets), pa.py_buffer(codes.tobytes()))
 
-
-def _clean_text(col: pd.Series) -> pd.Series:
-    """Text for the CSV: a bare CR becomes LF.
+def _clean_text(col: pd.Series | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Text for the CSV (null as ""): a bare CR becomes LF.
 
     Python 3.11's csv writer quotes a field with "\\n" but not one with a lone "\\r" when the line
     terminator is "\\n"; readers then take that CR for a row break. LF inside quotes is safe.
     """
-    return (
-        col.astype("str")
-        .fillna("")
-        .str.replace("\r\n", "\n", regex=False)
-        .str.replace("\r", "\n", regex=False)
-    )
+    arr = arrow_strings(col) if isinstance(col, pd.Series) else col
+    arr = pc.fill_null(arr.cast(pa.string()), "")
+    return pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
+
+
+def _str_column(arr: pa.Array | pa.ChunkedArray) -> pd.Series:
+    """An Arrow string array as a pandas "str" column without copying (to_csv_bytes writes it as is)."""
+    return pd.Series(pd.array(arr, dtype=_STR))
 
 
 def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: datetime) -> pd.DataFrame:
@@ -133,60 +155,59 @@ def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: da
     `previous` is the previous run's master (at least Customer ID, Tier, Tier Changed At) or None.
     Previous Tier is the previous run's tier ("" when the customer was not in it); Tier Changed At
     is `as_of` when the tier differs from that (a new customer changes only if their tier is not
-    "None"), else carried from the previous row.
+    "None"), else carried from the previous row. Built with Arrow kernels: no Python string per cell.
     """
     as_of_iso = iso(as_of)
     cut = as_of_us(as_of)
-    m = metrics.sort_values("customer_id", kind="stable", ignore_index=True)
+    m = metrics
+    if not m["customer_id"].astype("str").is_monotonic_increasing:
+        m = m.sort_values("customer_id", kind="stable", ignore_index=True)
     ltv = m["lifetime_value_cents"].to_numpy(dtype=np.int64)
     count = m["order_count"].to_numpy(dtype=np.int64)
     last = m["last_order_us"].to_numpy(dtype=np.int64)
     has_order = count > 0
-    avg = np.where(has_order, format_cents_array(div_half_up(ltv, np.maximum(count, 1))), "")
-    days = np.where(last != NAT, ((cut - last) // US_PER_DAY).astype(str), "")
-    tier = m["tier"].astype("str").to_numpy(dtype=object)
+    avg = pc.if_else(pa.array(has_order), _cents_text(div_half_up(ltv, np.maximum(count, 1))), "")
+    tier = pa.array(m["tier"].astype("str").to_numpy(dtype=object), type=pa.string())
+    raw_ids = arrow_strings(m["customer_id"].astype("str"))
 
-    ids = m["customer_id"].astype("str")
+    n = len(m)
     if previous is not None and len(previous):
-        prev = previous.drop_duplicates("Customer ID", keep="last").set_index("Customer ID")
-        prev_tier = ids.map(prev["Tier"])
-        prev_changed = ids.map(prev["Tier Changed At"])
+        prev = previous.drop_duplicates("Customer ID", keep="last")
+        at = pc.index_in(raw_ids, value_set=arrow_strings(prev["Customer ID"].astype("str")))
+        prev_tier = pc.take(arrow_strings(prev["Tier"].astype("str")), at)
+        prev_changed = pc.take(arrow_strings(prev["Tier Changed At"].astype("str")), at)
+        known = pc.is_valid(at)
     else:
-        prev_tier = pd.Series(pd.NA, index=ids.index, dtype="str")
-        prev_changed = prev_tier.copy()
-    known = prev_tier.notna().to_numpy()
-    prev_tier_arr = prev_tier.fillna("").astype(str).to_numpy(dtype=object)
-    changed = np.where(known, prev_tier_arr != tier, tier != NO_TIER)
-    changed_at = np.where(changed, as_of_iso, prev_changed.fillna("").astype(str).to_numpy(dtype=object))
-
-    out = pd.DataFrame(
-        {
-            "Customer ID": _clean_text(ids),
-            "Customer Code": _clean_text(m["customer_code"]),
-            "Name": _clean_text(m["name"]),
-            "Email": _clean_text(m["email"]),
-            "Phone": _clean_text(m["phone"]),
-            "Lifetime Value": format_cents_array(ltv),
-            "Order Count": count.astype(str),
-            "Avg Order Value": avg,
-            "First Order": format_us_array(m["first_order_us"].to_numpy(dtype=np.int64)),
-            "Last Order": format_us_array(last),
-            "Days Since Last Order": days,
-            "Purchases Last 30 Days": m["purchases_in_window"].to_numpy(dtype=np.int64).astype(str),
-            "Loyalty Member": np.where(m["loyalty_member"].to_numpy(dtype=bool), "true", "false"),
-            "Tier": tier,
-            "Previous Tier": prev_tier_arr,
-            "Tier Changed At": changed_at,
-            "Last Updated": as_of_iso,
-        },
-        columns=list(MASTER_COLUMNS),
-    )
-    return out.astype(object)
+        prev_tier = prev_changed = pa.nulls(n, pa.string())
+        known = pa.array(np.zeros(n, dtype=bool))
+    prev_tier_text = pc.fill_null(prev_tier, "")
+    changed = pc.if_else(known, pc.not_equal(prev_tier_text, tier), pc.not_equal(tier, NO_TIER))
+    as_of_text = pc.fill_null(pa.nulls(n, pa.string()), as_of_iso)
+    columns = {
+        "Customer ID": _clean_text(raw_ids),
+        "Customer Code": _clean_text(m["customer_code"]),
+        "Name": _clean_text(m["name"]),
+        "Email": _clean_text(m["email"]),
+        "Phone": _clean_text(m["phone"]),
+        "Lifetime Value": _cents_text(ltv),
+        "Order Count": _ints_text(count),
+        "Avg Order Value": avg,
+        "First Order": _instants_text(m["first_order_us"].to_numpy(dtype=np.int64)),
+        "Last Order": _instants_text(last),
+        "Days Since Last Order": _ints_text((cut - last) // US_PER_DAY, last != NAT),
+        "Purchases Last 30 Days": _ints_text(m["purchases_in_window"].to_numpy(dtype=np.int64)),
+        "Loyalty Member": pc.if_else(pa.array(m["loyalty_member"].to_numpy(dtype=bool)), "true", "false"),
+        "Tier": tier,
+        "Previous Tier": prev_tier_text,
+        "Tier Changed At": pc.if_else(changed, as_of_text, pc.fill_null(prev_changed, "")),
+        "Last Updated": as_of_text,
+    }
+    return pd.DataFrame({name: _str_column(columns[name]) for name in MASTER_COLUMNS})
 
 
 def tier_changes(master: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
     """Customers whose tier changed in this run (Tier Changed At == as_of): Customer ID, From, To, as_of."""
-    changed = master.loc[master["Tier Changed At"] == iso(as_of)]
+    changed = master.loc[master["Tier Changed At"] == iso(as_of), ["Customer ID", "Previous Tier", "Tier"]]
     return pd.DataFrame(
         {
             "Customer ID": changed["Customer ID"].to_numpy(dtype=object),
@@ -233,7 +254,6 @@ def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> by
     """`df` as spreadsheet.to_safe_csv_bytes would write it, or None when a column is not all
     text, a header is not a string, or there are fewer than two columns (csv quotes a lone
     empty field)."""
-    import pyarrow as pa
 
     if len(df.columns) < 2 or not all(isinstance(c, str) for c in df.columns):
         return None
@@ -254,7 +274,6 @@ def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> by
     head = (",".join(header) + "\n").encode("utf-8")
     if len(df) == 0:
         return spreadsheet.BOM + head
-    import pyarrow.compute as pc
 
     lines = pc.binary_join_element_wise(pc.binary_join_element_wise(*fields, ","), "", "\n")
     data, offsets = _string_buffers(lines)
@@ -263,7 +282,6 @@ def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> by
 
 def _string_buffers(arr: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], np.ndarray[Any, np.dtype[np.int32]]]:
     """The UTF-8 bytes and the offsets of a string array (one chunk), in place."""
-    import pyarrow as pa
 
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
@@ -276,8 +294,6 @@ def _string_buffers(arr: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], np.n
 def _neutralised(arr: Any, *, plain_numbers: bool) -> Any:
     """spreadsheet.neutralise of every cell (nulls written as ""); with `plain_numbers`, cells that
     are plain numbers are left alone (spreadsheet.safe_frame's numeric columns)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     arr = pc.fill_null(arr, "")
     data, offsets = _string_buffers(arr)
@@ -301,7 +317,6 @@ def _neutralised(arr: Any, *, plain_numbers: bool) -> Any:
 
 def _quoted(arr: Any) -> Any:
     """csv.QUOTE_MINIMAL of each cell: in double quotes, inner quotes doubled, when it needs them."""
-    import pyarrow.compute as pc
 
     data, offsets = _string_buffers(arr)
     body = data[int(offsets[0]) : int(offsets[-1])].tobytes() if len(offsets) else b""
@@ -371,7 +386,6 @@ def compute_tiers(
     read_table = getattr(store, "read_table", None)
     if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
         sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
-        import pyarrow as pa
 
         # The batches' customer id strings are gone: hand their memory back before the engine runs.
         pa.default_memory_pool().release_unused()
