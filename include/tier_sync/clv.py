@@ -269,8 +269,14 @@ def versions_as_of(df: pd.DataFrame, as_of: datetime | pd.Timestamp) -> pd.DataF
     return df.loc[as_of_mask(df, as_of)]
 
 
-def live_customers(customers: pd.DataFrame, as_of: datetime | pd.Timestamp) -> pd.DataFrame:
-    """Customers that existed and were not deleted at `as_of`, one row each, sorted by id."""
+def live_customers(customers: Frame, as_of: datetime | pd.Timestamp) -> pd.DataFrame:
+    """Customers that existed and were not deleted at `as_of`, one row each, sorted by id (the
+    store's Arrow table is filtered and sorted in Arrow, and only the live rows reach pandas)."""
+    if isinstance(customers, pa.Table):
+        view = customers.filter(pa.array(as_of_mask(customers, as_of)))
+        deleted_at = timestamps_us(view, "deleted_at")
+        view = view.filter(pa.array((deleted_at == NAT) | (deleted_at >= as_of_us(as_of))))
+        return view.take(pc.sort_indices(view, [("id", "ascending")])).to_pandas()
     view = versions_as_of(customers, as_of)
     deleted_at = timestamps_us(view, "deleted_at")
     alive = (deleted_at == NAT) | (deleted_at >= as_of_us(as_of))
@@ -481,7 +487,7 @@ def assign_tiers(
 
 def compute_customer_metrics(
     sales: Frame,
-    customers: pd.DataFrame,
+    customers: Frame,
     as_of: datetime | pd.Timestamp,
     rules: TierRules,
     *,

@@ -381,9 +381,9 @@ def compute_tiers(
     if run_key(as_of) != paths.key:
         raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
 
-    customers = store.read("customers")
-    live = live_customers(customers, as_of)
     read_table = getattr(store, "read_table", None)
+    customers = read_table("customers") if callable(read_table) else store.read("customers")
+    live = live_customers(customers, as_of)
     if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
         sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
 

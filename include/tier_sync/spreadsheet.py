@@ -85,7 +85,17 @@ def read_raw_csv(data: bytes, usecols: list[str] | None = None) -> pd.DataFrame:
     df = pd.read_csv(
         io.BytesIO(data), dtype=str, keep_default_na=False, na_filter=False, usecols=usecols, encoding=ENCODING
     )
-    return df.apply(lambda col: col.map(raw_value)) if len(df.columns) else df
+    return df.apply(_raw_column) if len(df.columns) else df
+
+
+def _raw_column(col: pd.Series) -> pd.Series:
+    """`raw_value` of each cell; only a cell starting with "'" can change, so only those are mapped."""
+    quoted = col.str.startswith("'").to_numpy(dtype=bool)
+    if not quoted.any():
+        return col
+    out = col.copy()
+    out[quoted] = col[quoted].map(raw_value)
+    return out
 
 
 def without_columns(data: bytes, columns: Iterable[str]) -> bytes:
