@@ -179,7 +179,10 @@ def _rows_of(h: I64, wanted: I64) -> tuple[I64, I64]:
     mask = np.int64((1 << bits) - 1)
     table = np.zeros(1 << bits, dtype=bool)
     table[wanted & mask] = True
-    near = np.flatnonzero(table[h & mask])
+    step = 1 << 20  # a million rows at a time: no whole-column temporary
+    near = np.concatenate(
+        [np.flatnonzero(table[h[lo : lo + step] & mask]) + lo for lo in range(0, len(h), step)]
+    )
     del table
     at = np.asarray(pd.Index(wanted).get_indexer(h[near]), dtype=np.int64)
     hit = at >= 0
