@@ -529,11 +529,12 @@ def compute_customer_metrics(
     phone = _strings(cust, "phone")
     out = pd.DataFrame(
         {
-            "customer_id": ids.to_numpy(),
-            "customer_code": _strings(cust, "customer_code").to_numpy(),
-            "name": name.where(name != "", full).to_numpy(),
-            "email": _strings(cust, "email").to_numpy(),
-            "phone": phone.where(phone != "", _strings(cust, "mobile")).to_numpy(),
+            # Text stays in pandas' Arrow-backed str: no Python string per cell (master_csv writes it).
+            "customer_id": ids.array,
+            "customer_code": _strings(cust, "customer_code").array,
+            "name": name.where(name != "", full).array,
+            "email": _strings(cust, "email").array,
+            "phone": phone.where(phone != "", _strings(cust, "mobile")).array,
             "lifetime_value_cents": ltv,
             "order_count": order_count,
             "purchases_in_window": purchases_in_window,
