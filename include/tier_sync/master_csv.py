@@ -10,6 +10,7 @@ copies are only replaced by the latest run, so a backfill never rolls them back.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -368,6 +369,26 @@ def upsert_tier_history(url: str, as_of: datetime, run_id: str, breakdown: dict[
     return rows
 
 
+def _previous_master(paths: RunPaths) -> tuple[str | None, pd.DataFrame | None]:
+    """The previous validated run's master (its URL, and the columns build_master needs), if any."""
+    url = previous_run_master(paths)
+    return url, read_csv_str(url, usecols=["Customer ID", "Tier", "Tier Changed At"]) if url else None
+
+
+def _metrics(store: StoreReader, as_of: datetime, rules: TierRules) -> pd.DataFrame:
+    """compute_customer_metrics over the store; an OrderStore is read as Arrow."""
+    read_table = getattr(store, "read_table", None)
+    customers = read_table("customers") if callable(read_table) else store.read("customers")
+    live = live_customers(customers, as_of)
+    if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
+        sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
+        # The batches' customer id strings are gone: hand their memory back before the engine runs.
+        pa.default_memory_pool().release_unused()
+    else:
+        sales = store.read("sales")
+    return compute_customer_metrics(sales, customers, as_of, rules, live=live)
+
+
 def compute_tiers(
     store: StoreReader, paths: RunPaths, identity: dict[str, Any], rules: TierRules
 ) -> dict[str, Any]:
@@ -381,23 +402,10 @@ def compute_tiers(
     if run_key(as_of) != paths.key:
         raise ValueError(f"identity as_of {iso(as_of)} does not match the run paths' {paths.key}")
 
-    read_table = getattr(store, "read_table", None)
-    customers = read_table("customers") if callable(read_table) else store.read("customers")
-    live = live_customers(customers, as_of)
-    if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
-        sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
-
-        # The batches' customer id strings are gone: hand their memory back before the engine runs.
-        pa.default_memory_pool().release_unused()
-    else:
-        sales = store.read("sales")
-    metrics = compute_customer_metrics(sales, customers, as_of, rules, live=live)
-    del sales, customers
-
-    prev_url = previous_run_master(paths)
-    previous = (
-        read_csv_str(prev_url, usecols=["Customer ID", "Tier", "Tier Changed At"]) if prev_url else None
-    )
+    with ThreadPoolExecutor(1) as pool:  # the previous master is read while the engine runs
+        earlier = pool.submit(_previous_master, paths)
+        metrics = _metrics(store, as_of, rules)
+        prev_url, previous = earlier.result()
     master = build_master(metrics, previous, as_of)
     changes = tier_changes(master, as_of)
     breakdown = tier_breakdown(master)
