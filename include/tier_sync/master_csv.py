@@ -134,6 +134,7 @@ def _instants_text(us: I64) -> pa.Array:
     np.cumsum(np.where(valid, 20, 0), out=offsets[1:])
     return pa.StringArray.from_buffers(len(us), pa.py_buffer(offsets), pa.py_buffer(codes.tobytes()))
 
+
 def _clean_text(col: pd.Series | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Text for the CSV (null as ""): a bare CR becomes LF.
 
@@ -177,7 +178,7 @@ def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: da
         at = pc.index_in(raw_ids, value_set=arrow_strings(prev["Customer ID"].astype("str")))
         prev_tier = pc.take(arrow_strings(prev["Tier"].astype("str")), at)
         prev_changed = pc.take(arrow_strings(prev["Tier Changed At"].astype("str")), at)
-        known = pc.is_valid(at)
+        known = pc.is_valid(prev_tier)  # a previous row without a tier: treated as a new customer
     else:
         prev_tier = prev_changed = pa.nulls(n, pa.string())
         known = pa.array(np.zeros(n, dtype=bool))
