@@ -27,7 +27,7 @@ Decisions on points the rules leave open (see also docs/contracts.md "as-of view
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
@@ -207,16 +207,20 @@ def _id_strings(frame: Frame, rows: npt.ArrayLike) -> list[str]:
 CUSTOMER_POSITION = "_customer_position"
 
 
-def customer_positions(live_ids: pd.Series) -> Any:
+def customer_positions(live_ids: pd.Series | Callable[[], pd.Series]) -> Any:
     """A function for OrderStore.read_table(each=...): a sales table with its customer_id column
     replaced by the position of that customer among `live_ids` (-1: none, or not live), so the
     store's millions of customer id strings never sit in memory at once. Pass the same live
-    customers to compute_customer_metrics (`live=`)."""
-    lookup = Lookup(arrow_strings(live_ids))
+    customers to compute_customer_metrics (`live=`). `live_ids` may be a function giving them
+    (e.g. a Future's result): asked for at the first table, so they can be worked out while the
+    first sales are decoded."""
+    lookups: list[Lookup] = []
 
     def replace(table: pa.Table) -> pa.Table:
+        if not lookups:
+            lookups.append(Lookup(arrow_strings(live_ids() if callable(live_ids) else live_ids)))
         at = table.schema.get_field_index("customer_id")
-        position = pa.array(lookup(table.column("customer_id")), type=pa.int64())
+        position = pa.array(lookups[0](table.column("customer_id")), type=pa.int64())
         return table.set_column(at, CUSTOMER_POSITION, position)
 
     return replace

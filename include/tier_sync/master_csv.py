@@ -379,14 +379,18 @@ def _previous_master(paths: RunPaths) -> tuple[str | None, pd.DataFrame | None]:
 def _metrics(store: StoreReader, as_of: datetime, rules: TierRules) -> pd.DataFrame:
     """compute_customer_metrics over the store; an OrderStore is read as Arrow."""
     read_table = getattr(store, "read_table", None)
-    customers = read_table("customers") if callable(read_table) else store.read("customers")
-    live = live_customers(customers, as_of)
-    if callable(read_table):  # an OrderStore: Arrow, customer ids turned into positions as read
-        sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(live["id"]))
-        # The batches' customer id strings are gone: hand their memory back before the engine runs.
-        pa.default_memory_pool().release_unused()
-    else:
-        sales = store.read("sales")
+    if not callable(read_table):
+        customers = store.read("customers")
+        return compute_customer_metrics(store.read("sales"), customers, as_of, rules)
+    # An OrderStore: Arrow, customer ids turned into positions as read; the live customers are
+    # worked out on a second thread while the first sales are decoded.
+    customers = read_table("customers")
+    with ThreadPoolExecutor(1) as pool:
+        found = pool.submit(live_customers, customers, as_of)
+        sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(lambda: found.result()["id"]))
+        live = found.result()
+    # The batches' customer id strings are gone: hand their memory back before the engine runs.
+    pa.default_memory_pool().release_unused()
     return compute_customer_metrics(sales, customers, as_of, rules, live=live)
 
 
