@@ -144,7 +144,7 @@ def _sync_summary(doc: Any) -> dict[str, Any] | None:
     }
 
 
-def _check_note(item: Any) -> dict[str, Any]:
+def check_note(item: Any) -> dict[str, Any]:
     """A failed check or warning, without its example rows (the page shows what, not who)."""
     if not isinstance(item, dict):
         return {"message": str(item)}
@@ -164,8 +164,8 @@ def _validation_summary(data_dir: str) -> dict[str, Any] | None:
         "evaluated": summary.get("evaluated"),
         "successful": summary.get("successful"),
         "failed": summary.get("failed") or [],
-        "failed_details": [_check_note(d) for d in list(summary.get("failed_details") or [])[:20]],
-        "warnings": [_check_note(w) for w in list(summary.get("warnings") or [])[:20]],
+        "failed_details": [check_note(d) for d in list(summary.get("failed_details") or [])[:20]],
+        "warnings": [check_note(w) for w in list(summary.get("warnings") or [])[:20]],
         "notes": summary.get("notes") or [],
         "row_count": summary.get("row_count"),
         "data_docs": has_docs,

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from include.tier_sync import fileio, ledger
-from include.tier_sync.dashboard import _check_note as check_note
+from include.tier_sync.dashboard import check_note
 from include.tier_sync.dashboard_cache import read_json, run_keys
 from include.tier_sync.dashboard_runs import changes_frame, classify_move
 from include.tier_sync.ledger import CHANGES_FILE, RUN_FILE, SYNC_LOG_FILE, SYNC_PLAN_DIR, VALIDATION_FILE

@@ -193,7 +193,7 @@ def live_customers(customers: pd.DataFrame) -> pd.DataFrame:
     return customers.drop_duplicates("id", keep="last").reset_index(drop=True)
 
 
-def _current_groups(current: pd.DataFrame) -> dict[str, tuple[str | None, bool]]:
+def current_groups(current: pd.DataFrame) -> dict[str, tuple[str | None, bool]]:
     """id -> (customer_group_id or None, deleted) from the live customers frame."""
     import pandas as pd
 
@@ -269,7 +269,7 @@ def plan_moves(
     first) then customer id, so ``limit`` (keep the first N) is reproducible.
     """
     ids, tiers = _master_rows(master, limit)
-    live = _current_groups(current)
+    live = current_groups(current)
     counts = Counter[str]()
     moves: list[Move] = []
     expected: dict[str, list[str]] = {t: [] for t in TIERS}

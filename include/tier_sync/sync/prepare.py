@@ -23,7 +23,7 @@ from include.tier_sync.sync.batches import (
 )
 from include.tier_sync.sync.contracts import api_diff, api_stats
 from include.tier_sync.sync.groups import is_placeholder, resolve_groups
-from include.tier_sync.sync.plan import _current_groups, check_circuit, circuit_status, plan_moves
+from include.tier_sync.sync.plan import check_circuit, circuit_status, current_groups, plan_moves
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -159,7 +159,7 @@ def tier_group_members(current: pd.DataFrame, groups: GroupMap) -> dict[str, lis
     """
     wanted = {gid for gid in groups.tier_groups.values() if not is_placeholder(gid)}
     members: dict[str, list[str]] = {gid: [] for gid in wanted}
-    for cid, (group_id, deleted) in _current_groups(current).items():
+    for cid, (group_id, deleted) in current_groups(current).items():
         if group_id in wanted and not deleted:
             members[group_id].append(cid)
     return members

@@ -130,11 +130,11 @@ def wanted_texts(master: pd.DataFrame, rules: TierRules) -> dict[str, str]:
 
 def _live(current: pd.DataFrame) -> dict[str, tuple[str | None, bool, int]]:
     """id -> (group or None, deleted, version) of the newest extracted version of each customer."""
-    from include.tier_sync.sync.plan import _current_groups, live_customers
+    from include.tier_sync.sync.plan import current_groups, live_customers
 
     frame = live_customers(current)
     versions = dict(zip(frame["id"].astype(str), frame["version"].astype("int64"), strict=True))
-    return {cid: (group, deleted, int(versions[cid])) for cid, (group, deleted) in _current_groups(frame).items()}
+    return {cid: (group, deleted, int(versions[cid])) for cid, (group, deleted) in current_groups(frame).items()}
 
 
 def _sort(texts: Mapping[str, str], live: Mapping[str, tuple[str | None, bool, int]], groups: GroupMap,
