@@ -390,3 +390,29 @@ def test_the_columnar_csv_writer_writes_what_the_spreadsheet_module_writes() -> 
     assert to_csv_bytes(empty) == spreadsheet.to_safe_csv_bytes(empty, numeric_columns=NUMERIC_COLUMNS)
     mixed = df.assign(n=1)  # a numeric column: the spreadsheet module writes it
     assert to_csv_bytes(mixed) == spreadsheet.to_safe_csv_bytes(mixed, numeric_columns=NUMERIC_COLUMNS)
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [(None, "jemalloc"), ("system", "system"), ("mimalloc", "mimalloc")])
+def test_engine_memory_pool_is_jemalloc_unless_the_deployer_chose_one(chosen: str | None, expected: str) -> None:
+    """compute_tiers reads the store through Arrow's jemalloc pool (far less kernel time than the
+    default mimalloc on that allocation pattern, bench/transform.py); ARROW_DEFAULT_MEMORY_POOL wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if chosen:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+    code = (
+        "import pyarrow as pa\n"
+        "from include.tier_sync.master_csv import use_jemalloc\n"
+        "before = pa.default_memory_pool().backend_name\n"
+        "use_jemalloc()\n"
+        "print(before, pa.default_memory_pool().backend_name)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert after == expected
+    if chosen is None:
+        assert before == "mimalloc"  # pyarrow's own default, which the engine replaces
