@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -217,6 +218,35 @@ def read_journal(data_dir: str, run_id: str) -> tuple[dict[tuple[str, int | None
     return entries, notices
 
 
+# Airflow reports a task's terminal state before it runs the task's on_failure_callback (task SDK
+# task_runner: run() sends the state, finalize() then calls the callbacks), so the watcher can start
+# while a failed task is still journaling its reason. It waits up to this long for every reason.
+REASON_GRACE_S = 60.0
+REASON_POLL_S = 1.0
+
+
+def await_failure_reasons(
+    data_dir: str,
+    run_id: str,
+    failed: Sequence[tuple[str, int | None]],
+    grace_s: float | None = None,
+    sleep: Any = time.sleep,
+) -> tuple[dict[tuple[str, int | None], dict[str, Any]], list[dict[str, Any]]]:
+    """`read_journal` once every failed task instance has journaled its failure, or after the
+    grace period (a task killed outright never does: its alert line then says so)."""
+    deadline = time.monotonic() + (REASON_GRACE_S if grace_s is None else grace_s)
+    while True:
+        entries, notices = read_journal(data_dir, run_id)
+        missing = [key for key in failed if (entries.get(key) or {}).get("state") != FAILED]
+        if not missing:
+            return entries, notices
+        if time.monotonic() >= deadline:
+            log.warning("alert journal: no failure recorded for %s; alerting without their reasons",
+                        ", ".join(t if m is None else f"{t}[{m}]" for t, m in missing))
+            return entries, notices
+        sleep(REASON_POLL_S)
+
+
 # --------------------------------------------------------------------------------------------
 # The run alert (pure)
 
@@ -363,7 +393,7 @@ def run_outcome(context: Mapping[str, Any], now: datetime | None = None) -> dict
         subject, text = build_run_alert(dag_id, run_id, failed, entries)
         send_alert(subject, text)
         raise AirflowFailException(f"The run failed: {', '.join(outcome['failed']) or 'a task'} failed: {refusal}")
-    entries, notices = read_journal(data_dir, run_id)
+    entries, notices = await_failure_reasons(data_dir, run_id, failed)
     at = _iso(now or _now())
     with _state_lock(data_dir):
         state = fileio.read_json(state_path(data_dir), default=None) or {}

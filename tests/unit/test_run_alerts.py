@@ -25,7 +25,7 @@ pytestmark = pytest.mark.unit
 
 DAG_ID = "customer_tier_sync"
 TASK_IDS = [
-    "extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync",
+    "extract_orders", "compute_tiers", "validate_tiers", "publish_run", "commit_csv", "plan_sync", "approve_sync",
     "sync_batch", "verify_group_counts", "write_sync_log", "prune_runs", "run_outcome",
 ]
 NOW = datetime(2026, 11, 25, 2, 30, tzinfo=UTC)
@@ -48,6 +48,9 @@ def smtp_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Collector]:
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("AIRFLOW_VAR_TIER_SYNC_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(run_alerts, "_now", lambda: NOW)
+    # A failed task without a journal entry is waited for (await_failure_reasons): not for long here.
+    monkeypatch.setattr(run_alerts, "REASON_GRACE_S", 0.5)
+    monkeypatch.setattr(run_alerts, "REASON_POLL_S", 0.05)
     return tmp_path
 
 
@@ -386,3 +389,26 @@ def test_no_deadline_under_airflow_dags_test() -> None:
     for argv in ([*airflow, "scheduler"], [*airflow, "dag-processor"], ["pytest", "tests"]):
         alert = stuck_runs.sync_deadline(time(6, 0), time(2, 0), argv=argv)
         assert alert is not None and alert.interval == timedelta(hours=28), argv
+
+
+def test_the_watcher_waits_for_a_reason_journaled_after_the_failed_state(data_dir: Path, smtp_server: _Collector) -> None:
+    """Airflow sends a task's failed state before its on_failure_callback journals the reason, so
+    the watcher may start first: the reason written while it waits is in the one alert."""
+    import threading
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    states = good_states(approve_sync="failed", sync_batch_1="failed")
+    late = threading.Timer(0.2, run_alerts.on_task_failure,
+                           [context("r", "approve_sync", RuntimeError("The sync was aborted by ops: numbers look wrong"))])
+    late.start()
+    try:
+        with pytest.raises(AirflowFailException):
+            run_alerts.run_outcome(context("r", "run_outcome", states=states))
+    finally:
+        late.join()
+    text = email_text(smtp_server.messages[0])
+    assert len(smtp_server.messages) == 1
+    assert "RuntimeError: The sync was aborted by ops: numbers look wrong" in text
+    # sync_batch[1] never journaled (a task killed outright): after the grace period, said plainly.
+    assert "no reason recorded (the task may have been killed)" in text
