@@ -176,12 +176,14 @@ def _rows_of(h: I64, wanted: I64) -> tuple[I64, I64]:
     that value in `wanted`. A bit table of the wanted values' low bits rules out almost every row
     with one gather; only the few left are looked up in a hash index."""
     bits = min(max(int(len(wanted)).bit_length() + 4, 16), 28)
-    mask = np.int64((1 << bits) - 1)
+    # The table is indexed by the hash's top bits: the multiply in Words.hashes carries every byte
+    # into them, while the low bits of ids that differ only in their last characters barely differ.
+    shift = np.uint64(64 - bits)
     table = np.zeros(1 << bits, dtype=bool)
-    table[wanted & mask] = True
+    table[wanted.view(np.uint64) >> shift] = True
     step = 1 << 20  # a million rows at a time: no whole-column temporary
     near = np.concatenate(
-        [np.flatnonzero(table[h[lo : lo + step] & mask]) + lo for lo in range(0, len(h), step)]
+        [np.flatnonzero(table[h[lo : lo + step].view(np.uint64) >> shift]) + lo for lo in range(0, len(h), step)]
     )
     del table
     at = np.asarray(pd.Index(wanted).get_indexer(h[near]), dtype=np.int64)
