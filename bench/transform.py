@@ -301,8 +301,22 @@ def child(mode: str, *args: str) -> dict[str, Any]:
     return result
 
 
-def run_scale(customers: int, sales: int, seed: int, keep: bool, daily: bool) -> dict[str, Any]:
-    """Generate a store of this size, time ours and DuckDB's in turn, check they agree."""
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median wall time, reported with its CPU and peak RSS, plus the range of walls."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[len(ordered) // 2], "walls": [r["wall_s"] for r in runs]}
+
+
+def _walls(run: dict[str, Any]) -> str:
+    walls = run["walls"]
+    return "" if len(walls) < 2 else f" (median of {len(walls)}: {min(walls):.2f}-{max(walls):.2f} s)"
+
+
+def run_scale(customers: int, sales: int, seed: int, keep: bool, daily: bool, repeat: int = 3) -> dict[str, Any]:
+    """Generate a store of this size, time ours and DuckDB's in turn, check they agree.
+
+    The store is flushed to disk first and the two alternate `repeat` times (medians reported),
+    so neither runs alone while the freshly written segments are still being written back."""
     gib = 1024**3
     tmp = tempfile.mkdtemp(prefix="tier-sync-bench-")
     store_root = os.path.join(tmp, "store")
@@ -314,18 +328,23 @@ def run_scale(customers: int, sales: int, seed: int, keep: bool, daily: bool) ->
         flush=True,
     )
     as_of = AS_OF.isoformat()
-    ours = child("--measure", store_root, os.path.join(tmp, "data"), as_of)
-    duck = child("--duckdb", store_root, os.path.join(tmp, "duckdb.csv"), as_of)
-    differ = compare(str(ours["csv"]), str(duck["csv"]))
+    os.sync()
+    ours_runs: list[dict[str, Any]] = []
+    duck_runs: list[dict[str, Any]] = []
+    for i in range(max(repeat, 1)):  # the first run's data dir is the one the daily increment continues
+        ours_runs.append(child("--measure", store_root, os.path.join(tmp, "data" if i == 0 else f"data-{i}"), as_of))
+        duck_runs.append(child("--duckdb", store_root, os.path.join(tmp, f"duckdb-{i}.csv"), as_of))
+    differ = max(compare(str(o["csv"]), str(d["csv"])) for o, d in zip(ours_runs, duck_runs, strict=True))
+    ours, duck = median_run(ours_runs), median_run(duck_runs)
     print(
-        f"ours (compute_tiers): wall {ours['wall_s']:.2f} s, CPU {ours['cpu_s']:.2f} s, peak RSS {ours['peak_rss_bytes'] / gib:.2f} GiB "
+        f"ours (compute_tiers): wall {ours['wall_s']:.2f} s{_walls(ours)}, CPU {ours['cpu_s']:.2f} s, peak RSS {ours['peak_rss_bytes'] / gib:.2f} GiB "
         f"(after imports {ours['rss_after_imports_bytes'] / gib:.2f} GiB, imports {ours['import_s']:.2f} s); "
         f"{ours['customers_out']:,} customers, {ours['changes']:,} tier changes, "
         f"master CSV {ours['master_csv_bytes'] / 1024**2:.1f} MiB"
     )
     print(
         f"DuckDB {duckdb_version()} (bench/transform_duckdb.sql, {duck['threads']} threads): "
-        f"wall {duck['wall_s']:.2f} s, CPU {duck['cpu_s']:.2f} s, peak RSS {duck['peak_rss_bytes'] / gib:.2f} GiB"
+        f"wall {duck['wall_s']:.2f} s{_walls(duck)}, CPU {duck['cpu_s']:.2f} s, peak RSS {duck['peak_rss_bytes'] / gib:.2f} GiB"
     )
     print(
         f"ours / DuckDB: time {ours['wall_s'] / duck['wall_s']:.2f}x (CPU {ours['cpu_s'] / duck['cpu_s']:.2f}x), "
@@ -372,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         default="1",
         help="comma-separated multiples of --customers/--sales to run in turn, e.g. 1,5 (growth)",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each engine, alternating (medians reported)")
     parser.add_argument("--no-daily", action="store_true", help="skip the daily-increment run")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs and print their paths")
     parser.add_argument("--measure", nargs=3, metavar=("STORE", "DATA_DIR", "AS_OF"), help=argparse.SUPPRESS)
@@ -389,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for k in scales:
         print(f"--- {k}x: {args.customers * k:,} customers, {args.sales * k:,} sales", flush=True)
-        results.append(run_scale(args.customers * k, args.sales * k, args.seed, args.keep, not args.no_daily))
+        results.append(
+            run_scale(args.customers * k, args.sales * k, args.seed, args.keep, not args.no_daily, args.repeat)
+        )
     if len(results) > 1:
         base = results[0]
         for k, r in zip(scales[1:], results[1:], strict=True):
