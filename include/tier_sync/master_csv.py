@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Sales columns of a handful of values, read as dictionaries (Parquet's dictionary pages: indices,
-# not millions of strings); customer ids become positions as each segment is read.
-SALES_DICTIONARY = ("status", "state")
+# Sales columns read as dictionaries (Parquet's dictionary pages: indices, not millions of strings;
+# the store writes them so, store._DICTIONARY_COLUMNS); customer ids become positions as each
+# segment is read, each distinct id looked up once per dictionary.
+SALES_DICTIONARY = ("status", "state", "customer_id")
 
 MASTER_COLUMNS: tuple[str, ...] = (
     "Customer ID",
@@ -186,12 +187,28 @@ def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: da
     prev_tier_text = pc.fill_null(prev_tier, "")
     changed = pc.if_else(known, pc.not_equal(prev_tier_text, tier), pc.not_equal(tier, NO_TIER))
     as_of_text = pc.fill_null(pa.nulls(n, pa.string()), as_of_iso)
-    columns = {
-        "Customer ID": _clean_text(raw_ids),
-        "Customer Code": _clean_text(m["customer_code"]),
-        "Name": _clean_text(m["name"]),
-        "Email": _clean_text(m["email"]),
-        "Phone": _clean_text(m["phone"]),
+    with ThreadPoolExecutor(1) as pool:  # the text columns on the other core (Arrow kernels free the GIL)
+        texts = pool.submit(
+            lambda: {"Customer ID": _clean_text(raw_ids), **{c: _clean_text(m[k]) for c, k in _TEXT_SOURCES.items()}}
+        )
+        columns = _number_columns(m, ltv, count, last, avg, cut)
+        columns.update(texts.result())
+    columns.update({
+        "Loyalty Member": pc.if_else(pa.array(m["loyalty_member"].to_numpy(dtype=bool)), "true", "false"),
+        "Tier": tier,
+        "Previous Tier": prev_tier_text,
+        "Tier Changed At": pc.if_else(changed, as_of_text, pc.fill_null(prev_changed, "")),
+        "Last Updated": as_of_text,
+    })  # fmt: skip
+    return pd.DataFrame({name: _str_column(columns[name]) for name in MASTER_COLUMNS})
+
+
+_TEXT_SOURCES = {"Customer Code": "customer_code", "Name": "name", "Email": "email", "Phone": "phone"}
+
+
+def _number_columns(m: pd.DataFrame, ltv: I64, count: I64, last: I64, avg: Any, cut: int) -> dict[str, Any]:
+    """The master's money, count and date columns as text."""
+    return {
         "Lifetime Value": _cents_text(ltv),
         "Order Count": _ints_text(count),
         "Avg Order Value": avg,
@@ -199,13 +216,7 @@ def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: da
         "Last Order": _instants_text(last),
         "Days Since Last Order": _ints_text((cut - last) // US_PER_DAY, last != NAT),
         "Purchases Last 30 Days": _ints_text(m["purchases_in_window"].to_numpy(dtype=np.int64)),
-        "Loyalty Member": pc.if_else(pa.array(m["loyalty_member"].to_numpy(dtype=bool)), "true", "false"),
-        "Tier": tier,
-        "Previous Tier": prev_tier_text,
-        "Tier Changed At": pc.if_else(changed, as_of_text, pc.fill_null(prev_changed, "")),
-        "Last Updated": as_of_text,
     }
-    return pd.DataFrame({name: _str_column(columns[name]) for name in MASTER_COLUMNS})
 
 
 def tier_changes(master: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
@@ -260,7 +271,7 @@ def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> by
 
     if len(df.columns) < 2 or not all(isinstance(c, str) for c in df.columns):
         return None
-    fields = []
+    arrays = []
     for name in df.columns:
         col = df[name]
         if col.dtype != object and not isinstance(col.dtype, pd.StringDtype):
@@ -272,7 +283,9 @@ def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> by
                 arr = pa.array(col.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
         except (pa.ArrowException, TypeError, ValueError):
             return None
-        fields.append(_quoted(_neutralised(arr, plain_numbers=name in numeric_columns)))
+        arrays.append((arr, name in numeric_columns))
+    with ThreadPoolExecutor(2) as pool:  # column by column on both cores (numpy and Arrow free the GIL)
+        fields = list(pool.map(lambda a: _quoted(_neutralised(a[0], plain_numbers=a[1])), arrays))
     header = _quoted(pa.array(list(df.columns), type=pa.string())).to_pylist()
     head = (",".join(header) + "\n").encode("utf-8")
     if len(df) == 0:
@@ -434,8 +447,10 @@ def compute_tiers(
     changes = tier_changes(master, as_of)
     breakdown = tier_breakdown(master)
 
-    fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master))
-    fileio.write_bytes(paths.run_tier_changes, to_csv_bytes(changes))
+    with ThreadPoolExecutor(1) as pool:  # the small file is formatted while the master is written
+        changes_csv = pool.submit(to_csv_bytes, changes)
+        fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master))
+        fileio.write_bytes(paths.run_tier_changes, changes_csv.result())
 
     log.info(
         "compute_tiers as of %s: %d customers, %d tier changes, breakdown %s, previous validated run %s",
