@@ -157,6 +157,39 @@ def test_dedupe_keeps_the_last_written_row_of_an_id_version(store: OrderStore) -
     assert df["amount_cents"].tolist() == [200]
 
 
+def test_customer_ids_read_as_dictionaries_from_old_and_new_segments(
+    store: OrderStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sales segments keep customer_id as a Parquet dictionary (more distinct ids than Parquet's
+    default 1 MB dictionary page holds); a store whose older segments were written plain (before
+    that) reads the same rows, with or without asking for dictionaries."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from include.tier_sync import store as store_module
+
+    n = 40_000  # 40,000 distinct 36-character ids: a 1.4 MB dictionary
+    ids = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(n)]
+    with monkeypatch.context() as old:  # a segment as main wrote it
+        old.setattr(store_module, "_DICTIONARY_COLUMNS", {})
+        store.append("sales", [sale_to_row(raw_sale(f"s{i}", i + 1, customer_id=ids[i])) for i in range(n)], cursor=n)
+    store.append(
+        "sales", [sale_to_row(raw_sale(f"t{i}", n + i + 1, customer_id=ids[-1 - i])) for i in range(n)], cursor=2 * n
+    )
+    plain = store.read_table("sales")
+    as_dict = store.read_table("sales", dictionary=("status", "state", "customer_id"))
+    assert pa.types.is_dictionary(as_dict.schema.field("customer_id").type)
+    assert as_dict.column("customer_id").cast(pa.string()).to_pylist() == plain.column("customer_id").to_pylist()
+    assert sorted(plain.column("customer_id").to_pylist()) == sorted(ids + ids)
+    newest = sorted(segment_files(store))[-1]
+    fs, path = fileio.filesystem(fileio.join(store.uri, "segments", "sales", newest))
+    with fs.open(path, "rb") as fh:
+        meta = pq.ParquetFile(fh).metadata.row_group(0)
+        names = [meta.column(i).path_in_schema for i in range(meta.num_columns)]
+        assert meta.column(names.index("customer_id")).has_dictionary_page
+        assert not meta.column(names.index("id")).has_dictionary_page  # unique per sale: plain
+
+
 def test_resources_are_independent(store: OrderStore) -> None:
     store.append("sales", sale_rows(("s", 10)), cursor=10)
     store.append("customers", [customer_to_row(raw_customer("c", 11))], cursor=11)
