@@ -161,7 +161,8 @@ def repeated(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, I64, int]:
         cand, codes = _rows_of(h, dup)
         ref = np.empty(len(dup), dtype=np.int64)
         ref[codes] = np.arange(len(codes), dtype=np.int64)
-        if bool((words.rows(cand) == words.rows(cand[ref[codes]])).all()):
+        found = words.rows(cand)  # each candidate's bytes, and (by index) those of its value's first row
+        if bool((found == found[ref[codes]]).all()):
             return np.flatnonzero(words.valid)[cand], codes, len(dup)
         log.warning("id hash collision: using the exact string hash (slower)")
     all_codes, size = codes_exact(arr)

@@ -222,12 +222,12 @@ def _number_columns(m: pd.DataFrame, ltv: I64, count: I64, last: I64, avg: Any, 
 def tier_changes(master: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
     """Customers whose tier changed in this run (Tier Changed At == as_of): Customer ID, From, To, as_of."""
     changed = master.loc[master["Tier Changed At"] == iso(as_of), ["Customer ID", "Previous Tier", "Tier"]]
-    return pd.DataFrame(
+    return pd.DataFrame(  # str columns (Arrow-backed in pandas 3): to_csv_bytes writes them as they are
         {
-            "Customer ID": changed["Customer ID"].to_numpy(dtype=object),
-            "From": changed["Previous Tier"].to_numpy(dtype=object),
-            "To": changed["Tier"].to_numpy(dtype=object),
-            "as_of": iso(as_of),
+            "Customer ID": changed["Customer ID"].astype(_STR).array,
+            "From": changed["Previous Tier"].astype(_STR).array,
+            "To": changed["Tier"].astype(_STR).array,
+            "as_of": pd.array([iso(as_of)] * len(changed), dtype=_STR),
         },
         columns=list(CHANGES_COLUMNS),
     )
@@ -444,13 +444,13 @@ def compute_tiers(
         metrics = _metrics(store, as_of, rules)
         prev_url, previous = earlier.result()
     master = build_master(metrics, previous, as_of)
-    changes = tier_changes(master, as_of)
-    breakdown = tier_breakdown(master)
-
-    with ThreadPoolExecutor(1) as pool:  # the small file is formatted while the master is written
-        changes_csv = pool.submit(to_csv_bytes, changes)
-        fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master))
-        fileio.write_bytes(paths.run_tier_changes, changes_csv.result())
+    with ThreadPoolExecutor(1) as pool:  # the master is formatted and written while the changes are worked out
+        written = pool.submit(lambda: fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master)))
+        changes = tier_changes(master, as_of)
+        breakdown = tier_breakdown(master)
+        changes_csv = to_csv_bytes(changes)
+        written.result()
+    fileio.write_bytes(paths.run_tier_changes, changes_csv)
 
     log.info(
         "compute_tiers as of %s: %d customers, %d tier changes, breakdown %s, previous validated run %s",
