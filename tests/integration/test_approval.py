@@ -21,6 +21,7 @@ import contextlib
 import copy
 import email
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ pytestmark = [
 DAG_ID = "customer_tier_sync"
 TASK = "approve_sync"
 RUN_TIMEOUT = 300
+SETTLE_S = 5.0  # after approve_sync parks, before answering (see wait_for_question)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "approval"
 TIER_OF_GROUP = {name: tier for tier, name in oracle.GROUPS.items()}
 TIER_ORDER = list(oracle.GROUPS)  # highest first
@@ -77,6 +79,10 @@ class Setup:
 
         wait_until(asking, timeout=timeout, what=f"{TASK} of {run_id} to await input", interval=2,
                    diagnostics=lambda: self.deployment.diagnose(run_id))
+        # Airflow 3.3.2 race: an answer within about a second of the task parking resumes it before
+        # the scheduler has processed the parked workload's executor event, which then reads as
+        # "finished while queued" and fails the task (no person answers that fast). Let it settle.
+        time.sleep(SETTLE_S)
         detail: dict[str, Any] = self.cluster.api("GET", self.hitl_path(run_id))
         return detail
 
