@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -121,20 +122,43 @@ def _ints_text(values: I64, present: npt.NDArray[np.bool_] | None = None) -> pa.
 def _instants_text(us: I64) -> pa.Array:
     """Microsecond instants as ISO-8601 UTC `YYYY-MM-DDTHH:MM:SSZ` (the second floored); NaT as "".
 
-    numpy formats the seconds; the ASCII bytes go straight into an Arrow string buffer."""
+    The civil date comes from integer arithmetic on the day number (H. Hinnant's days-to-civil
+    algorithm) and every digit is written straight into an Arrow string buffer: several times
+    cheaper than numpy's datetime formatting. Years outside 0000-9999 go the plain way."""
     us = np.asarray(us, dtype=np.int64)
     valid = us != NAT
-    iso_text = np.datetime_as_string((us[valid] // 1_000_000).astype("datetime64[s]"), unit="s")
-    if iso_text.dtype != np.dtype("<U19"):  # a year outside 0000-9999: the plain way
+    seconds = us[valid] // 1_000_000  # floor, also before 1970
+    days, second_of_day = np.divmod(seconds, 86_400)
+    year, month, day = _civil(days)
+    if len(year) and (int(year.min()) < 0 or int(year.max()) > 9999):
+        iso_text = np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s")
         text = np.full(len(us), "", dtype=object)
         text[valid] = np.char.add(iso_text, "Z")
         return pa.array(text.tolist(), type=pa.string())
-    codes = np.empty((len(iso_text), 20), dtype=np.uint8)
-    codes[:, :19] = iso_text.view(np.uint32).reshape(len(iso_text), 19)
-    codes[:, 19] = ord("Z")
+    hour, rest = np.divmod(second_of_day, 3600)
+    minute, second = np.divmod(rest, 60)
+    codes = np.empty((len(seconds), 20), dtype=np.uint8)
+    for at, value, width in ((0, year, 4), (5, month, 2), (8, day, 2), (11, hour, 2), (14, minute, 2), (17, second, 2)):
+        for k in range(width):
+            codes[:, at + width - 1 - k] = value // 10**k % 10 + ord("0")
+    for at, char in ((4, "-"), (7, "-"), (10, "T"), (13, ":"), (16, ":"), (19, "Z")):
+        codes[:, at] = ord(char)
     offsets = np.zeros(len(us) + 1, dtype=np.int32)
     np.cumsum(np.where(valid, 20, 0), out=offsets[1:])
     return pa.StringArray.from_buffers(len(us), pa.py_buffer(offsets), pa.py_buffer(codes.tobytes()))
+
+
+def _civil(days: I64) -> tuple[I64, I64, I64]:
+    """(year, month, day) of days since 1970-01-01, proleptic Gregorian (Hinnant's civil_from_days)."""
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = np.where(mp < 10, mp + 3, mp - 9)
+    return yoe + era * 400 + (month <= 2), month, day
 
 
 def _clean_text(col: pd.Series | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -187,13 +211,12 @@ def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: da
     prev_tier_text = pc.fill_null(prev_tier, "")
     changed = pc.if_else(known, pc.not_equal(prev_tier_text, tier), pc.not_equal(tier, NO_TIER))
     as_of_text = pc.fill_null(pa.nulls(n, pa.string()), as_of_iso)
-    with ThreadPoolExecutor(1) as pool:  # the text columns on the other core (Arrow kernels free the GIL)
-        texts = pool.submit(
-            lambda: {"Customer ID": _clean_text(raw_ids), **{c: _clean_text(m[k]) for c, k in _TEXT_SOURCES.items()}}
-        )
-        columns = _number_columns(m, ltv, count, last, avg, cut)
-        columns.update(texts.result())
+    jobs = {"Customer ID": lambda: _clean_text(raw_ids), **_text_jobs(m), **_number_jobs(m, ltv, count, last, cut)}
+    with ThreadPoolExecutor(2) as pool:  # column by column on both cores (numpy and Arrow kernels free the GIL)
+        running = {name: pool.submit(job) for name, job in jobs.items()}
+        columns = {name: job.result() for name, job in running.items()}
     columns.update({
+        "Avg Order Value": avg,
         "Loyalty Member": pc.if_else(pa.array(m["loyalty_member"].to_numpy(dtype=bool)), "true", "false"),
         "Tier": tier,
         "Previous Tier": prev_tier_text,
@@ -206,16 +229,25 @@ def build_master(metrics: pd.DataFrame, previous: pd.DataFrame | None, as_of: da
 _TEXT_SOURCES = {"Customer Code": "customer_code", "Name": "name", "Email": "email", "Phone": "phone"}
 
 
-def _number_columns(m: pd.DataFrame, ltv: I64, count: I64, last: I64, avg: Any, cut: int) -> dict[str, Any]:
-    """The master's money, count and date columns as text."""
+def _text_jobs(m: pd.DataFrame) -> dict[str, Callable[[], Any]]:
+    """The master's text columns from the customer, each as a job for build_master's pool."""
+    def job(source: str) -> Callable[[], Any]:
+        return lambda: _clean_text(m[source])
+
+    return {column: job(source) for column, source in _TEXT_SOURCES.items()}
+
+
+def _number_jobs(m: pd.DataFrame, ltv: I64, count: I64, last: I64, cut: int) -> dict[str, Callable[[], Any]]:
+    """The master's money, count and date columns as text, each as a job for build_master's pool."""
+    first = m["first_order_us"].to_numpy(dtype=np.int64)
+    window = m["purchases_in_window"].to_numpy(dtype=np.int64)
     return {
-        "Lifetime Value": _cents_text(ltv),
-        "Order Count": _ints_text(count),
-        "Avg Order Value": avg,
-        "First Order": _instants_text(m["first_order_us"].to_numpy(dtype=np.int64)),
-        "Last Order": _instants_text(last),
-        "Days Since Last Order": _ints_text((cut - last) // US_PER_DAY, last != NAT),
-        "Purchases Last 30 Days": _ints_text(m["purchases_in_window"].to_numpy(dtype=np.int64)),
+        "Lifetime Value": lambda: _cents_text(ltv),
+        "Order Count": lambda: _ints_text(count),
+        "First Order": lambda: _instants_text(first),
+        "Last Order": lambda: _instants_text(last),
+        "Days Since Last Order": lambda: _ints_text((cut - last) // US_PER_DAY, last != NAT),
+        "Purchases Last 30 Days": lambda: _ints_text(window),
     }
 
 
@@ -284,16 +316,30 @@ def _columnar_safe_csv(df: pd.DataFrame, numeric_columns: tuple[str, ...]) -> by
         except (pa.ArrowException, TypeError, ValueError):
             return None
         arrays.append((arr, name in numeric_columns))
-    with ThreadPoolExecutor(2) as pool:  # column by column on both cores (numpy and Arrow free the GIL)
-        fields = list(pool.map(lambda a: _quoted(_neutralised(a[0], plain_numbers=a[1])), arrays))
     header = _quoted(pa.array(list(df.columns), type=pa.string())).to_pylist()
     head = (",".join(header) + "\n").encode("utf-8")
     if len(df) == 0:
         return spreadsheet.BOM + head
+    # Each half of the rows on its own core, every column and the joining of the lines (numpy and
+    # Arrow free the GIL): a cell's text depends on that cell only, so the halves are independent.
+    half = (len(df) + 1) // 2
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(lambda lo: _csv_lines(arrays, lo, half), (0, half)))
+    return b"".join([spreadsheet.BOM, head, *parts])
 
-    lines = pc.binary_join_element_wise(pc.binary_join_element_wise(*fields, ","), "", "\n")
-    data, offsets = _string_buffers(lines)
-    return spreadsheet.BOM + head + data[int(offsets[0]) : int(offsets[-1])].tobytes()
+
+def _csv_lines(arrays: list[tuple[Any, bool]], offset: int, length: int) -> bytes:
+    """Rows offset .. offset+length of the columns as CSV lines, each ending in "\n"."""
+    fields = [_quoted(_neutralised(arr.slice(offset, length), plain_numbers=plain)) for arr, plain in arrays]
+    if not fields or len(fields[0]) == 0:
+        return b""
+    # One pass: field, ",", field, ..., field, "\n" joined with "" (scalars broadcast).
+    pieces: list[Any] = []
+    for field in fields:
+        pieces += [field, ","]
+    pieces[-1] = "\n"
+    data, offsets = _string_buffers(pc.binary_join_element_wise(*pieces, ""))
+    return data[int(offsets[0]) : int(offsets[-1])].tobytes()
 
 
 def _string_buffers(arr: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], np.ndarray[Any, np.dtype[np.int32]]]:

@@ -139,7 +139,11 @@ def renamed(rows: list[dict[str, Any]], columns: tuple[str, ...], names: dict[st
     return [{**r, **{c: names.get(r[c], r[c]) if r[c] is not None else None for c in columns}} for r in rows]
 
 
-def test_the_fixed_width_view_is_the_contracts_view() -> None:
+@pytest.mark.parametrize("threads", ["serial", "both cores"])
+def test_the_fixed_width_view_is_the_contracts_view(threads: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if threads == "both cores":  # the split the engine makes from a million rows on, on this small store
+        monkeypatch.setattr(id_keys, "_PARALLEL_ROWS", 1)
+        monkeypatch.setattr(id_keys, "_STEP_ROWS", 64)
     customers, sales = random_store()
     assert id_keys.Words.of(pa.array([r["id"] for r in sales])) is not None  # the fast path is taken
     for rows, schema in ((customers, CUSTOMERS_SCHEMA), (sales, SALES_SCHEMA)):
@@ -197,7 +201,8 @@ def test_words_only_for_one_width_with_empty_nulls() -> None:
     assert id_keys.index_in(pa.array(["a", ids[2]]), keys).tolist() == [-1, 1]
 
 
-def test_customer_positions_taken_while_reading_give_the_same_metrics(tmp_path: Any) -> None:
+@pytest.mark.parametrize("dictionary", [("status", "state"), ("customer_id", "status", "state")])
+def test_customer_positions_taken_while_reading_give_the_same_metrics(tmp_path: Any, dictionary: tuple[str, ...]) -> None:
     """compute_tiers' path: the store's sales with customer ids replaced by positions as each piece
     is read, and the live customers passed in; positions against other customers are refused."""
     from include.tier_sync.store import OrderStore
@@ -210,7 +215,9 @@ def test_customer_positions_taken_while_reading_give_the_same_metrics(tmp_path: 
     cust = frame(customers, CUSTOMERS_SCHEMA)
     rules = TierRules()
     live = clv.live_customers(cust, AS_OF)
-    read = store.read_table("sales", dictionary=("status", "state"), each=clv.customer_positions(live["id"]))
+    # With customer_id as dictionaries, each segment's dictionary is looked up once and its positions
+    # reused for every later piece of it (id_keys.Lookup): two segments, two different dictionaries.
+    read = store.read_table("sales", dictionary=dictionary, each=clv.customer_positions(live["id"]))
     assert clv.CUSTOMER_POSITION in read.column_names and "customer_id" not in read.column_names
     fast = clv.compute_customer_metrics(read, cust, AS_OF, rules, live=live)
     plain = clv.compute_customer_metrics(frame(sales, SALES_SCHEMA), cust, AS_OF, rules)
