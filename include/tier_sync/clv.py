@@ -191,8 +191,13 @@ def _test_values(arr: pa.Array | pa.ChunkedArray, test: Any, n: int) -> npt.NDAr
     chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
     parts = []
     for chunk in chunks:
-        result = pc.take(test(chunk.dictionary), chunk.indices) if pa.types.is_dictionary(chunk.type) else test(chunk)
-        parts.append(np.asarray(pc.fill_null(result, False).to_numpy(zero_copy_only=False), dtype=bool))
+        if pa.types.is_dictionary(chunk.type):
+            # The answers for the dictionary, one more False for a null index, looked up by numpy.
+            found = np.asarray(pc.fill_null(test(chunk.dictionary), False).to_numpy(zero_copy_only=False), dtype=bool)
+            table = np.append(found, False)
+            parts.append(table[pc.fill_null(chunk.indices, len(found)).to_numpy()])
+        else:
+            parts.append(np.asarray(pc.fill_null(test(chunk), False).to_numpy(zero_copy_only=False), dtype=bool))
     out = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
     return out if len(out) == n else np.zeros(n, dtype=bool)
 

@@ -9,6 +9,8 @@ copies are only replaced by the latest run, so a backfill never rolls them back.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -449,9 +451,29 @@ def _metrics(store: StoreReader, as_of: datetime, rules: TierRules) -> pd.DataFr
         found = pool.submit(live_customers, customers, as_of)
         sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(lambda: found.result()["id"]))
         live = found.result()
-    # The batches' customer id strings are gone: hand their memory back before the engine runs.
-    pa.default_memory_pool().release_unused()
+    release_freed_memory()  # the batches' customer id strings are gone: before the engine runs
     return compute_customer_metrics(sales, customers, as_of, rules, live=live)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last step back to the system, so the next step's peak does not
+    sit on top of it: Arrow's pool (jemalloc keeps freed pages for seconds) and, on glibc, the C
+    heap (numpy's temporaries, kept in one arena per thread). On the bench store the master's
+    formatting then peaks about 0.15 GiB lower (bench/transform.py)."""
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, from the symbols the interpreter already has loaded; None elsewhere
+    (musl, macOS): the memory is then kept a while, not lost."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def use_jemalloc() -> None:
@@ -489,6 +511,7 @@ def compute_tiers(
         earlier = pool.submit(_previous_master, paths)
         metrics = _metrics(store, as_of, rules)
         prev_url, previous = earlier.result()
+    release_freed_memory()  # the sales table and the engine's temporaries are gone: before the CSVs
     master = build_master(metrics, previous, as_of)
     with ThreadPoolExecutor(1) as pool:  # the master is formatted and written while the changes are worked out
         written = pool.submit(lambda: fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master)))

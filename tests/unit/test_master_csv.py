@@ -416,3 +416,31 @@ def test_engine_memory_pool_is_jemalloc_unless_the_deployer_chose_one(chosen: st
     assert after == expected
     if chosen is None:
         assert before == "mimalloc"  # pyarrow's own default, which the engine replaces
+
+
+def test_freed_heap_memory_is_handed_back_between_the_engine_and_the_csvs() -> None:
+    """release_freed_memory (called by compute_tiers after the read and after the engine) returns
+    memory the C heap kept after a free, so the next step's peak does not sit on top of it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from include.tier_sync.master_csv import _malloc_trim, release_freed_memory\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "if _malloc_trim() is None:\n"
+        "    print('no-glibc'); raise SystemExit\n"
+        "blocks = [bytearray(64 << 10) for _ in range(4000)]  # 250 MiB in heap-sized blocks\n"
+        "keep = bytearray(64 << 10)  # the heap's top stays in use: free() alone cannot shrink it\n"
+        "del blocks\n"
+        "before = rss()\n"
+        "release_freed_memory()\n"
+        "print(before - rss())\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    if out.stdout.strip() == "no-glibc":
+        pytest.skip("not glibc: malloc_trim does not exist here")
+    assert int(out.stdout.strip()) > 150 << 20
