@@ -509,11 +509,20 @@ def compute_customer_metrics(
     (`NAT` when there is no purchase). `attrs[QUARANTINED_ATTR]` lists the sales left out for an
     implausible amount (`checked_sales`); bad amounts raise SaleAmountError / AmountOverflowError.
     """
-    cut = as_of_us(as_of)
     cust = live if live is not None else live_customers(customers, as_of)
+    qualifying = checked_sales(sales, cust["id"].astype("str"), as_of, rules)
+    return customer_metrics(cust, qualifying, as_of, rules)
+
+
+def customer_metrics(
+    cust: pd.DataFrame, qualifying: tuple[I64, I64, I64, list[str]], as_of: datetime | pd.Timestamp, rules: TierRules
+) -> pd.DataFrame:
+    """compute_customer_metrics' second stage: the figures of the live customers `cust` from their
+    qualifying sales (`checked_sales`). Apart so a caller can free the sales table in between."""
+    cut = as_of_us(as_of)
     n = len(cust)
     ids = cust["id"].astype("str")
-    pos, amount, sale_date, quarantined = checked_sales(sales, ids, as_of, rules)
+    pos, amount, sale_date, quarantined = qualifying
 
     ltv = sum_cents(pos, amount, n, ids)
     purchase = amount > 0

@@ -184,7 +184,11 @@ def _repeated_hashes(h: I64) -> I64:
     sides = [h[h < 0], h[h >= 0]] if len(h) >= _PARALLEL_ROWS else [h]
 
     def repeats(side: I64) -> I64:
-        ordered = np.sort(side)
+        if side is h:
+            ordered = np.sort(h)  # h itself is needed afterwards
+        else:
+            ordered = side  # a copy already: sorted in place
+            ordered.sort()
         same = ordered[1:] == ordered[:-1]
         dup = ordered[1:][same]
         return dup[np.concatenate(([True], dup[1:] != dup[:-1]))] if len(dup) else dup  # each once

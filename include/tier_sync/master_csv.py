@@ -32,7 +32,9 @@ from include.tier_sync.clv import (
     US_PER_DAY,
     arrow_strings,
     as_of_us,
+    checked_sales,
     compute_customer_metrics,
+    customer_metrics,
     customer_positions,
     live_customers,
 )
@@ -452,7 +454,10 @@ def _metrics(store: StoreReader, as_of: datetime, rules: TierRules) -> pd.DataFr
         sales = read_table("sales", dictionary=SALES_DICTIONARY, each=customer_positions(lambda: found.result()["id"]))
         live = found.result()
     release_freed_memory()  # the batches' customer id strings are gone: before the engine runs
-    return compute_customer_metrics(sales, customers, as_of, rules, live=live)
+    qualifying = checked_sales(sales, live["id"].astype("str"), as_of, rules)
+    del sales  # only the qualifying sales' figures are needed from here: the table's memory goes back
+    release_freed_memory()
+    return customer_metrics(live, qualifying, as_of, rules)
 
 
 def release_freed_memory() -> None:
