@@ -1,7 +1,7 @@
 """Why a customer is in their tier, and what would change it (the page's customer view, issue 18).
 
 Pure arithmetic on the figures the master CSV already has (lifetime value, order count, loyalty)
-plus the customer's purchase instants, with the same `rules.assign_tiers` the engine uses, so the
+plus the customer's purchase instants, with the tier table the engine uses (`rules.tier_for`), so the
 explanation can never disagree with the tier. Every amount is integer cents and every "what next"
 is the smallest change that does it (tested against the independent oracle to the cent):
 
@@ -29,8 +29,8 @@ from include.tier_sync.rules import (
     SEED,
     SPROUT,
     TierRules,
-    assign_tiers,
     in_window,
+    tier_for,
     window_drop_us,
 )
 
@@ -55,7 +55,7 @@ class Figures:
 
 
 def tier_of(ltv_cents: int, orders: int, window_count: int, loyalty: bool, rules: TierRules) -> str:
-    return str(assign_tiers([ltv_cents], [orders], [window_count], [loyalty], rules)[0])
+    return tier_for(ltv_cents, orders, window_count, loyalty, rules)
 
 
 def _date(us: int) -> str:

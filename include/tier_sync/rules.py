@@ -3,7 +3,8 @@ as closed, the thresholds (`TierRules`, parsed and validated from the `tier_sync
 and the rule itself.
 
 The engine (clv), the data-quality gate (validation) and the "Loyalty tiers" page (dashboard)
-all call `assign_tiers` here, so they cannot disagree on any customer's tier. The page's "at risk"
+all call `assign_tiers` here (one customer without numpy: `tier_for`, the same table), so they
+cannot disagree on any customer's tier. The page's "at risk"
 list is the rule too: `tiers_after_window` is the tier a customer falls to once too few purchases
 remain in the window, and `window_drop_us` is when that happens.
 
@@ -283,22 +284,35 @@ def assign_tiers(
     """
     import numpy as np
 
-    ltv = np.asarray(ltv_cents)
-    orders = np.asarray(order_count)
-    window = np.asarray(purchases_in_window)
-    loyal = np.asarray(loyalty, dtype=bool)
-    has_order = orders >= 1
-    conditions = [
-        ~has_order,
-        ltv >= rules.evergreen_min_cents,
-        ltv >= rules.bloom_min_cents,
-        (ltv >= rules.sprout_min_cents) | (window >= rules.sprout_min_purchases_in_window),
-        loyal,
-        has_order,
-    ]
-    choices = [NO_TIER, EVERGREEN, BLOOM, SPROUT, SEED, FIRST_TIME_BUYER]
+    table = _tier_table(
+        np.asarray(ltv_cents), np.asarray(order_count), np.asarray(purchases_in_window),
+        np.asarray(loyalty, dtype=bool), rules,
+    )
+    conditions = [condition for condition, _ in table]
+    choices = [tier for _, tier in table]
     out: np.ndarray[Any, np.dtype[np.object_]] = np.select(conditions, choices, default=NO_TIER).astype(object)
     return out
+
+
+def tier_for(ltv_cents: int, order_count: int, purchases_in_window: int, loyalty: bool, rules: TierRules) -> str:
+    """`assign_tiers` of one customer, without numpy (the till texts of plan_progress, the page's
+    explanations): the same table, read top down."""
+    table = _tier_table(ltv_cents, order_count, purchases_in_window, bool(loyalty), rules)
+    return next((tier for condition, tier in table if condition), NO_TIER)
+
+
+def _tier_table(ltv: Any, orders: Any, window: Any, loyal: Any, rules: TierRules) -> list[tuple[Any, str]]:
+    """The tier table as (condition, tier), first match wins. Written once for numbers and numpy
+    arrays alike (`x ^ True` is "not" for a bool and for a bool array, where `~` is not)."""
+    has_order = orders >= 1
+    return [
+        (has_order ^ True, NO_TIER),
+        (ltv >= rules.evergreen_min_cents, EVERGREEN),
+        (ltv >= rules.bloom_min_cents, BLOOM),
+        ((ltv >= rules.sprout_min_cents) | (window >= rules.sprout_min_purchases_in_window), SPROUT),
+        (loyal, SEED),
+        (has_order, FIRST_TIME_BUYER),
+    ]
 
 
 def tiers_after_window(

@@ -27,6 +27,7 @@ from include.tier_sync.rules import (
     assign_tiers,
     describe,
     in_window,
+    tier_for,
     tiers_after_window,
     window_drop_us,
 )
@@ -65,6 +66,21 @@ def test_rule_first_match_wins_and_no_order_is_no_tier() -> None:
         "None",
         "Seed",  # negative value (returns) is below a zero threshold
     ]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [TierRules(), TierRules(evergreen_min_cents=50_000, bloom_min_cents=50_000, sprout_min_cents=0)],
+)
+def test_one_customer_without_numpy_gets_the_tier_of_the_vectorised_rule(rules: TierRules) -> None:
+    edges = {rules.evergreen_min_cents, rules.bloom_min_cents, rules.sprout_min_cents, 0}
+    ltvs = sorted({e + d for e in edges for d in (-1, 0, 1)} | {-500})
+    windows = sorted({0, rules.sprout_min_purchases_in_window - 1, rules.sprout_min_purchases_in_window})
+    grid = [(c, n, w, m) for c in ltvs for n in (0, 1, 2) for w in windows for m in (False, True)]
+    vectorised = assign_tiers(*zip(*grid, strict=True), rules).tolist()
+    assert [tier_for(c, n, w, m, rules) for c, n, w, m in grid] == vectorised
+    unreachable = {"Bloom"} if rules.bloom_min_cents == rules.evergreen_min_cents else set()  # Evergreen wins
+    assert set(vectorised) == set(ALL_TIERS) - unreachable  # the grid reaches every other row of the table
 
 
 def test_rule_on_unparsed_floats_compares_false() -> None:
