@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import uuid
@@ -38,6 +37,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from include.tier_sync import fileio
+from include.tier_sync.store_manifest import (
+    MANIFEST_NAME,
+    RECOVERY,
+    ConcurrentWriteError,
+    StoreCorruptError,
+    StoreError,
+    read_manifest,
+    store_root,
+)
+from include.tier_sync.store_manifest import empty_manifest as _empty_manifest
 from include.tier_sync.store_records import (
     CUSTOMERS,
     CUSTOMERS_COLUMNS,
@@ -79,9 +88,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "manifest.lock"
-MANIFEST_FORMAT = "tier_sync.order_store/1"
 # zstd: about half the bytes of snappy on these columns and still decodes 5M rows in well under a second.
 _COMPRESSION = "zstd"
 # Columns written with Parquet dictionary encoding (all others plain), and a dictionary page large
@@ -97,19 +104,6 @@ _READ_ATTEMPTS = 3
 # two keep both cores busy), a few batches decoded ahead (Arrow's defaults keep 4 files and 16
 # batches in flight: hundreds of MB of strings about to be replaced anyway).
 _STREAM: dict[str, int] = {"fragment_readahead": 2, "batch_readahead": 4}
-RECOVERY = "trigger the DAG with full_refresh=true to rebuild the store from Lightspeed"
-
-
-class StoreError(RuntimeError):
-    """The store is unusable (bad manifest, unknown resource, a committed segment missing)."""
-
-
-class ConcurrentWriteError(StoreError):
-    """Another writer committed since this one read its cursor; committing now could lose its data."""
-
-
-class StoreCorruptError(StoreError):
-    """A manifest or committed segment that cannot be read; the message names it and the recovery."""
 
 
 # -- rows -> Arrow ---------------------------------------------------------------------------------
@@ -136,35 +130,9 @@ def _schema(resource: str) -> pa.Schema:
 # -- the store -------------------------------------------------------------------------------------
 
 
-def _empty_manifest(generation: int = 0, next_segment: int = 1) -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "generation": generation,
-        "next_segment": next_segment,
-        "updated_at": None,
-        "resources": {r: {"cursor": 0, "segments": []} for r in RESOURCES},
-    }
-
-
 def _token(manifest: Mapping[str, Any]) -> tuple[int, Any]:
     """What a commit is compared on: the generation counter and the random etag of that commit."""
     return int(manifest.get("generation", 0)), manifest.get("etag")
-
-
-def _manifest_problem(data: Any) -> str | None:
-    """Why parsed JSON is not a usable manifest, or None."""
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        return f"is not an order-store manifest ({MANIFEST_FORMAT})"
-    try:
-        if int(data.get("generation", 0)) < 0 or int(data.get("next_segment", 1)) < 1:
-            return "has a malformed header"
-        for entry in data.setdefault("resources", {}).values():
-            names = [s["name"] for s in entry["segments"]]
-            if entry["cursor"] < 0 or not all(n.endswith(".parquet") and "/" not in n for n in names):
-                return "names a malformed segment or cursor"
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return "is malformed"
-    return None
 
 
 class OrderStore:
@@ -175,10 +143,7 @@ class OrderStore:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        text = os.fspath(root)
-        if "://" not in text:
-            text = os.path.abspath(text)
-        self.root = text.rstrip("/") or "/"
+        self.root = store_root(root)
         # (generation, etag) of the manifest this writer last read its cursor from or committed.
         self._seen: tuple[int, Any] | None = None
         # S3: commits are conditional PUTs on the manifest object's ETag (fileio.write_bytes_if).
@@ -203,28 +168,12 @@ class OrderStore:
     # -- manifest -----------------------------------------------------------------------------------
 
     def manifest(self) -> dict[str, Any]:
-        """The committed manifest (empty for a new store); StoreCorruptError when it is unreadable."""
-        try:
-            if self._conditional:
-                raw, tag = fileio.read_bytes_tagged(self.manifest_url)
-            else:
-                raw, tag = fileio.read_bytes(self.manifest_url), None
-            data = json.loads(raw.decode("utf-8"))
-        except FileNotFoundError:
-            data, tag = _empty_manifest(), None
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError: a cut-off or overwritten file
-            data = None
-        problem = _manifest_problem(data) if data is not None else "is not valid JSON (truncated?)"
-        if problem:
-            raise StoreCorruptError(
-                f"order store manifest {self.manifest_url} {problem}: {RECOVERY}; that keeps the "
-                f"damaged manifest and segments, moved to {self.root}/damaged-<UTC time>-<id>/"
-            )
-        for resource in RESOURCES:
-            data["resources"].setdefault(resource, {"cursor": 0, "segments": []})
+        """The committed manifest (empty for a new store); StoreCorruptError when it is unreadable
+        (`store_manifest.read_manifest`, which reads it without pyarrow)."""
+        data, tag = read_manifest(self.root, tagged=self._conditional)
         if self._conditional:
             self._remember_tag(_token(data), tag)
-        return data  # type: ignore[no-any-return]
+        return data
 
     def _remember_tag(self, token: tuple[int, Any], tag: str | None) -> None:
         """S3: the object ETag of the first manifest seen with `token`. A commit built on that

@@ -16,10 +16,7 @@ import pyarrow as pa
 
 from include.tier_sync.money import AMOUNT_FIELDS, AmountError, has_amount, sale_amount_cents
 from include.tier_sync.rules import is_finished_sale
-
-SALES = "sales"
-CUSTOMERS = "customers"
-RESOURCES: tuple[str, ...] = (SALES, CUSTOMERS)
+from include.tier_sync.store_manifest import CUSTOMERS, RESOURCES, SALES  # noqa: F401 (re-exported: the resources live there)
 
 _TS = pa.timestamp("us", tz="UTC")
 

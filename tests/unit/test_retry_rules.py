@@ -126,6 +126,21 @@ def test_every_rule_names_a_real_exception_class() -> None:
         assert issubclass(cls, BaseException), spec
 
 
+def test_a_damaged_store_fails_at_once_in_a_task_that_never_imported_the_store() -> None:
+    """plan_sync reads the manifest through store_manifest only (no pyarrow): the rule must match there."""
+    code = (
+        "import sys\n"
+        "from include.tier_sync.retry_rules import decision_for\n"
+        "from include.tier_sync.store_manifest import StoreCorruptError\n"
+        "d = decision_for(StoreCorruptError('manifest is not valid JSON'))\n"
+        "assert 'include.tier_sync.store' not in sys.modules\n"
+        "print(d.action.name, d.reason.startswith('data error'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["FAIL", "True"]
+
+
 def test_building_the_policy_imports_no_heavy_module() -> None:
     code = (
         "import sys\n"
