@@ -5,7 +5,7 @@
 - the master CSV and `tier_changes.csv` at the data dir root and in every run folder (its own and
   its `published/` copy; every folder under `runs/`, dated in the future or not);
 - every JSON file under `runs/` (sync plan and batches, batch results, expected members, group
-  check, sync logs, validation reports) and the root `tier_sync_log.json` / `validation/latest.json` /
+  check, sync logs, validation reports; gzip'd ones too: `live_customers.json.gz`) and the root `tier_sync_log.json` / `validation/latest.json` /
   `till_progress_state.json`:
   list items naming the customer (their id, or a dict whose `customer_id` / `Customer ID` / `id`
   is theirs, or one of their identifying values: code, email, phone, name) and keys equal to the id;
@@ -22,8 +22,10 @@ either old or new, and running the command again finishes the job.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -150,18 +152,21 @@ def _json_files(paths: RunPaths) -> list[str]:
     from include.tier_sync.sync.progress import state_file  # progress at the till: id -> text
 
     out = [u for u in (paths.sync_log, paths.latest_validation_json, state_file(paths)) if fileio.exists(u)]
-    out += [fileio.join(paths.runs_dir, r) for r in fileio.walk_files(paths.runs_dir) if r.endswith(".json")]
+    out += [fileio.join(paths.runs_dir, r) for r in fileio.walk_files(paths.runs_dir) if r.endswith((".json", ".json.gz"))]
     return out
 
 
 def _plan_json(plan: _Plan, url: str, cid: str) -> None:
+    gzipped = url.endswith(".gz")
+    raw = fileio.read_bytes(url)
     try:
-        doc = json.loads(fileio.read_bytes(url).decode("utf-8"))
-    except ValueError as exc:
+        doc = json.loads((gzip.decompress(raw) if gzipped else raw).decode("utf-8"))
+    except (ValueError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise ValueError(f"{url} is not readable JSON ({exc}); fix or remove it, then run the erasure again") from exc
     cleaned, removed = scrub(doc, cid, frozenset(plan.needles))
     if removed:
-        plan.writes[url] = (json.dumps(cleaned, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+        data = (json.dumps(cleaned, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+        plan.writes[url] = gzip.compress(data, mtime=0) if gzipped else data
         plan.removed[url] = removed
 
 

@@ -60,6 +60,7 @@ RUN_FILE = "run.json"
 VALIDATION_FILE = "validation.json"
 SYNC_PLAN_DIR = "sync_plan"
 GROUP_CHECK_FILE = "group_check.json"
+LIVE_CUSTOMERS_FILE = "live_customers.json.gz"  # sync/live.py: each customer's live group at a cursor
 PUBLISHED_FILE = "published.json"
 PUBLISHED_DIR = "published"
 PUBLISH_LOCK_FILE = ".publish.lock"
@@ -204,6 +205,10 @@ class RunPaths:
     @property
     def run_group_check(self) -> str:
         return join(self.run_dir, GROUP_CHECK_FILE)
+
+    @property
+    def run_live_customers(self) -> str:
+        return join(self.run_dir, LIVE_CUSTOMERS_FILE)
 
     def run_dir_for(self, as_of: datetime) -> str:
         return self.run_dir_for_key(run_key(as_of))

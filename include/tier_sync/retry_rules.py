@@ -52,6 +52,7 @@ DATA_ERRORS = [
     _P + "sync.contracts.UnsupportedFormatVersion",
     _P + "ledger.FutureRunError",
     _P + "store_manifest.StoreCorruptError",  # its home (store re-exports it): the light tasks import only that
+    _P + "sync.live.LiveCustomersError",
 ]
 RATE_LIMIT_ERRORS = [_P + "lightspeed_errors.LightspeedRateLimited"]
 TRANSIENT_ERRORS = [

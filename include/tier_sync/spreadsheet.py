@@ -4,7 +4,8 @@ Names, emails, phones and codes are typed at the till. A text cell that begins w
 `-`, `@`, TAB, CR (or LF) is a formula to a spreadsheet, so `neutralise` puts a `'` in front of it
 (after any trimming, so "\\t=1+1" stripped to "=1+1" is caught too). The prefix is also added to a
 cell that already starts with `'`s followed by a trigger, which makes `raw_value` an exact inverse:
-machine readers apply `raw_value` (or `read_raw_csv`) to get back what the order store holds.
+machine readers apply `raw_value` (or `read_raw_csv`, or `read_raw_columns` without pandas) to get
+back what the order store holds.
 Numeric cells (e.g. -12.50 in Lifetime Value) stay plain numbers. Files are UTF-8 with a BOM
 (`utf-8-sig`) so Excel shows "Zoë", not "ZoÃ«"; read them back with `encoding="utf-8-sig"`.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from include.tier_sync import fileio
@@ -86,6 +87,33 @@ def read_raw_csv(data: bytes, usecols: list[str] | None = None) -> pd.DataFrame:
         io.BytesIO(data), dtype=str, keep_default_na=False, na_filter=False, usecols=usecols, encoding=ENCODING
     )
     return df.apply(_raw_column) if len(df.columns) else df
+
+
+def read_raw_columns(data: bytes, columns: Sequence[str], *, where: str = "CSV") -> dict[str, list[str]]:
+    """`read_raw_csv(data, usecols=columns)` without pandas, as column -> cells (the light tasks').
+
+    The same cells: every one a str, `raw_value` applied, "None" and "" kept literally. A missing
+    or repeated column, a row with another number of cells than the header, or no header at all
+    is a ValueError naming `where` (a file we wrote never has one).
+    """
+    reader = csv.reader(io.StringIO(data.decode(ENCODING), newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{where} is empty: no header row")
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ValueError(f"{where} has no column {missing} (columns: {header})")
+    repeated = sorted({c for c in columns if header.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{where} names column {repeated} more than once")
+    at = [header.index(c) for c in columns]
+    out: list[list[str]] = [[] for _ in columns]
+    for row in reader:
+        if len(row) != len(header):
+            raise ValueError(f"{where} line {reader.line_num} has {len(row)} cells, the header {len(header)}")
+        for values, i in zip(out, at, strict=True):
+            values.append(raw_value(row[i]))
+    return dict(zip(columns, out, strict=True))
 
 
 def _raw_column(col: pd.Series) -> pd.Series:

@@ -7,7 +7,10 @@ one (bad data, a circuit breaker, customers that could not be synced). Which of 
 exceptions are retried, and how, is the DAG's retry policy (include/tier_sync/retry_rules.py).
 
 Heavy modules (pandas, pyarrow, GX, the git helpers) are imported inside the functions: the DAG
-imports this module lazily too, but keeping it cheap costs nothing.
+imports this module lazily too, but keeping it cheap costs nothing. From plan_sync on, no task
+imports pandas, pyarrow or numpy (issue 17): they read the master's columns with the csv module
+(`spreadsheet.read_raw_columns`) and the live customers from the file extract_orders leaves in the
+run folder (`sync/live.py`; tests/unit/test_task_imports.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from include.tier_sync.runtime import iso, resolve_as_of, run_identity, to_utc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LIFETIME_VALUE = "Lifetime Value"  # the approval request's sample shows it (MassChangeError)
 
 
 def _fail(message: str, cause: BaseException | None = None) -> None:
@@ -71,14 +75,18 @@ def _setting(read: Callable[[], T]) -> T:
 def extract_task(context: Mapping[str, Any]) -> dict[str, Any]:
     from include.tier_sync.extract import extract_orders
     from include.tier_sync.store import MalformedRecordError, OrderStore
+    from include.tier_sync.sync.live import write_for_run
 
     paths = run_paths(context)
+    store = OrderStore(paths.store)
     try:
         with _client() as client:
-            return extract_orders(client, OrderStore(paths.store), full_refresh=bool(_params(context).get("full_refresh")))
+            result = extract_orders(client, store, full_refresh=bool(_params(context).get("full_refresh")))
     except MalformedRecordError as exc:
         _fail(f"Lightspeed returned malformed data; nothing past the last good page was stored: {exc}", exc)
-    raise AssertionError("unreachable")
+        raise AssertionError("unreachable") from exc
+    write_for_run(paths, store)  # runs/<key>/live_customers.json.gz: the plan then reads no Parquet
+    return result
 
 
 def compute_task(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,10 +166,12 @@ def is_latest_interval(context: Mapping[str, Any], now: datetime | None = None) 
     return bool(now < to_utc(end) + (to_utc(end) - to_utc(start)))
 
 
-def _read_master(paths: RunPaths) -> Any:
-    from include.tier_sync.master_csv import read_csv_str
+def _master_columns(paths: RunPaths, *columns: str) -> dict[str, list[str]]:
+    """The run's master CSV, only `columns`, each cell raw (str), without pandas."""
+    from include.tier_sync.spreadsheet import read_raw_columns
 
-    return read_csv_str(paths.run_master_csv)
+    url = paths.run_master_csv
+    return read_raw_columns(fileio.read_bytes(url), columns, where=f"master CSV {url}")
 
 
 def plan_sync_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -190,8 +200,8 @@ def _prepare(
     ``expect_cursor``: the customers cursor the approved plan was made at; a different one (the
     order store changed since) fails before anything is planned or written.
     """
-    from include.tier_sync.store import OrderStore
-    from include.tier_sync.sync.plan import MassChangeError
+    from include.tier_sync.sync.live import live_customers, store_cursor
+    from include.tier_sync.sync.plan import MASTER_ID, MASTER_TIER, MassChangeError
     from include.tier_sync.sync.prepare import decide_writes, prepare_sync
 
     paths = run_paths(context)
@@ -203,21 +213,20 @@ def _prepare(
     )
     if reason:
         log.info("Writes to Lightspeed are skipped for this run: %s", reason)
-    store = OrderStore(paths.store)
-    cursor = store.cursor("customers")
+    cursor = store_cursor(paths)
     if expect_cursor is not None and int(cursor) != int(expect_cursor):
         _fail(
             f"The order store changed since the approved plan was made (customers cursor {expect_cursor} -> "
             f"{cursor}); nothing was written. Trigger the run again to plan and ask anew."
         )
     limit = params.get("limit")
-    master = _read_master(paths)
+    master = _master_columns(paths, MASTER_ID, MASTER_TIER, LIFETIME_VALUE)
     try:
         with _client() as client:
             refs = prepare_sync(
                 client,
                 master,
-                store.read("customers"),
+                live_customers(paths, cursor),
                 settings.load_tier_rules(),
                 paths,
                 customers_cursor=cursor,
@@ -231,7 +240,7 @@ def _prepare(
             )
             return [dict(ref) for ref in refs]  # BatchRef (include/tier_sync/sync/contracts.py)
     except MassChangeError as exc:
-        exc.lifetime_values = dict(zip(master["Customer ID"].astype(str), master["Lifetime Value"], strict=True))  # type: ignore[attr-defined]
+        exc.lifetime_values = dict(zip(master[MASTER_ID], master[LIFETIME_VALUE], strict=True))  # type: ignore[attr-defined]
         raise
     raise AssertionError("unreachable")
 
@@ -363,6 +372,7 @@ def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:
     """Compare tier groups in Lightspeed with the CSV; skipped (with a reason) when nothing was planned."""
     from include.tier_sync.sync.batches import groups_from_plan, read_expected_members
     from include.tier_sync.sync.log import left_alone_ids
+    from include.tier_sync.sync.plan import MASTER_ID, MASTER_TIER
     from include.tier_sync.sync.verify import verify_group_counts, write_group_check
 
     paths = run_paths(context)
@@ -372,7 +382,7 @@ def verify_group_counts_task(context: Mapping[str, Any]) -> dict[str, Any]:
     with _client() as client:
         check = verify_group_counts(
             client,
-            _read_master(paths),
+            _master_columns(paths, MASTER_ID, MASTER_TIER),
             groups,
             expected_members=read_expected_members(paths),
             left_alone=left_alone_ids(paths),
@@ -447,15 +457,15 @@ def plan_progress_task(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     field = _setting(settings.progress_field)
     if field is None:
         raise AirflowSkipException(f"Progress at the till is off (Variable {settings.VAR_PROGRESS_FIELD} unset)")
-    from include.tier_sync.store import OrderStore
     from include.tier_sync.sync.batches import read_plan_doc
-    from include.tier_sync.sync.progress import NoSyncPlan, plan_progress
+    from include.tier_sync.sync.live import live_customers, store_cursor
+    from include.tier_sync.sync.progress import MASTER_COLUMNS, NoSyncPlan, plan_progress
 
     paths = run_paths(context)
     try:
         if read_plan_doc(paths) is None:  # before reading the master, which a failed run may lack
             raise NoSyncPlan("no sync plan for this run (plan_sync did not finish): nothing is shown at the till")
-        return plan_progress(paths, _read_master(paths), OrderStore(paths.store).read("customers"),
+        return plan_progress(paths, _master_columns(paths, *MASTER_COLUMNS), live_customers(paths, store_cursor(paths)),
                              settings.load_tier_rules(), field=field, dry_run=bool(_params(context).get("dry_run")))
     except NoSyncPlan as exc:  # the failed task upstream is the run's failure (and its alert)
         raise AirflowSkipException(str(exc)) from exc

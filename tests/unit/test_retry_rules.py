@@ -48,6 +48,7 @@ def test_data_errors_fail_at_once() -> None:
     from include.tier_sync.ledger import FutureRunError
     from include.tier_sync.store import StoreCorruptError
     from include.tier_sync.store_records import MalformedRecordError
+    from include.tier_sync.sync.live import LiveCustomersError
     from include.tier_sync.sync.log import SyncFailed
     from include.tier_sync.sync.plan import MassChangeError
     from include.tier_sync.sync.write import GroupDeletedError
@@ -55,7 +56,7 @@ def test_data_errors_fail_at_once() -> None:
 
     classes: list[type[BaseException]] = [
         LightspeedFeedError, LightspeedClientError, GroupDeletedError, MalformedRecordError, AmountOverflowError,
-        DataQualityError, MassChangeError, SyncFailed, FutureRunError, StoreCorruptError,
+        DataQualityError, MassChangeError, SyncFailed, FutureRunError, StoreCorruptError, LiveCustomersError,
     ]
     for cls in classes:
         exc = cls.__new__(cls)  # matching is by class; each __init__ has its own arguments

@@ -13,12 +13,13 @@ hard to turn into a mass mistake (docs/contracts.md, "The sync"):
 | `verify`       | the group-count check                                                         |
 | `log`          | collecting batch results into the sync log                                    |
 | `prepare`      | the plan_sync step: `decide_writes`, `prepare_sync`                           |
+| `live`         | the live customers at the store's cursor (`runs/<key>/live_customers.json.gz`) |
 
 This package re-exports what callers have always imported from `include.tier_sync.sync`.
-Importing it imports no pandas, numpy or pyarrow: the DataFrame-taking functions (`plan_moves`,
-`prepare_sync`, `verify_group_counts`) get their frames from the caller, and the one pandas call
-(`pd.isna` on frame values) imports pandas inside its function. Each mapped `sync_batch` thus
-loads only its batch file, its progress file, plan.json and the plan's newest feed view.
+Importing it imports no pandas, numpy or pyarrow, and neither do the tasks from plan_sync on: the
+plan takes the master's columns and the live customers (`live`); DataFrames are still accepted
+(`live.as_live` imports pandas for those only). Each mapped `sync_batch` loads only its batch
+file, its progress file, plan.json and the plan's newest feed view.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
 | `LeftAlone`      | `runs/<key>/sync_plan/left_alone.json`           | plan_sync             | the page's customer view    |
 | `GroupCheck`     | `runs/<key>/group_check.json` and its XCom       | verify_group_counts   | write_sync_log              |
 | `SyncLog`        | `runs/<key>/tier_sync_log.json` (+ the latest)   | write_sync_log        | people, the dashboard       |
+| `LiveCustomersDoc`| `runs/<key>/live_customers.json.gz`             | extract_orders        | plan_sync, plan_progress    |
 
 Every file carries `format_version` (`FORMAT_VERSION`). On read, a file without one is a legacy
 version 1 file (the same keys, written before the field existed) and is accepted; a file of a
@@ -318,6 +319,19 @@ def left_alone_from_json(raw: Any, where: str) -> LeftAlone | None:
     if not isinstance(customers, dict) or not all(isinstance(v, dict) and "why" in v for v in customers.values()):
         raise ValueError(f"{where} is not a left-alone file (customers: {{id: {{why, group_id, group}}}} needed)")
     return cast("LeftAlone", {**raw, "plan_id": str(raw.get("plan_id"))})
+
+
+class LiveCustomersDoc(TypedDict):
+    """`runs/<key>/live_customers.json.gz` (gzip'd JSON, `sync/live.py`): what the plan needs of the
+    order store's customers, so plan_sync and plan_progress read no Parquet (issue 17).
+
+    ``customers``: customer id -> [customer_group_id or null, deleted, version] of the newest
+    extracted version; valid only while the store's customers cursor is ``customers_cursor``.
+    """
+
+    format_version: NotRequired[int]
+    customers_cursor: int
+    customers: dict[str, list[Any]]  # [group id | None, deleted: bool, version: int]
 
 
 class PlanGroupMembers(TypedDict):

@@ -9,8 +9,8 @@
 * **Circuit breaker**: too many real changes (share of managed customers) or too many downgrades
   stop the run before any write, unless ``allow_mass_change``.
 
-The inputs are DataFrames, but pandas itself is imported only inside the one function that needs
-it, so importing this module (and the package) stays cheap.
+The inputs are plain columns and the live customers (`sync/live.py`), so the plan_sync task needs no
+pandas; DataFrames are accepted too (`live.as_live` imports pandas for those only).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from include.tier_sync.rules import ALL_TIERS, NO_TIER, TIERS
+from include.tier_sync.sync.live import as_live
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from include.tier_sync.rules import TierRules
     from include.tier_sync.sync.contracts import BatchMove, CircuitStatus, PlanSummary
     from include.tier_sync.sync.groups import GroupMap
+    from include.tier_sync.sync.live import LiveState
+
+    # The master CSV as the plan reads it: column -> cells, or a DataFrame (indexed the same way).
+    Master: TypeAlias = Mapping[str, Sequence[Any]] | pd.DataFrame
 
 log = logging.getLogger(__name__)
 
@@ -184,41 +189,14 @@ class Plan:
         return replace(self, moves=moves)
 
 
-def live_customers(customers: pd.DataFrame) -> pd.DataFrame:
-    """The newest version of each customer (the order store keeps every version it saw)."""
-    if customers.empty:
-        return customers.loc[:, [c for c in ("id", "customer_group_id", "deleted_at") if c in customers]]
-    if "version" in customers.columns:
-        customers = customers.sort_values(["id", "version"], kind="stable")
-    return customers.drop_duplicates("id", keep="last").reset_index(drop=True)
+def current_groups(current: pd.DataFrame | Mapping[str, LiveState]) -> dict[str, tuple[str | None, bool]]:
+    """id -> (customer_group_id or None, deleted) of the live customers (`live.as_live`)."""
+    return {cid: (group, deleted) for cid, (group, deleted, _) in as_live(current).items()}
 
 
-def current_groups(current: pd.DataFrame) -> dict[str, tuple[str | None, bool]]:
-    """id -> (customer_group_id or None, deleted) from the live customers frame."""
-    import pandas as pd
-
-    def is_null(value: Any) -> bool:
-        if value is None:
-            return True
-        if isinstance(value, str):
-            return value.strip() == ""
-        try:
-            return bool(pd.isna(value))
-        except (TypeError, ValueError):
-            return False
-
-    frame = live_customers(current) if "version" in current.columns else current
-    out: dict[str, tuple[str | None, bool]] = {}
-    deleted_col = frame["deleted_at"] if "deleted_at" in frame.columns else [None] * len(frame)
-    for cid, gid, deleted_at in zip(frame["id"], frame["customer_group_id"], deleted_col, strict=True):
-        group = None if is_null(gid) else str(gid)
-        out[str(cid)] = (group, not is_null(deleted_at))
-    return out
-
-
-def _master_rows(master: pd.DataFrame, limit: int | None) -> tuple[list[str], list[str]]:
+def _master_rows(master: Master, limit: int | None) -> tuple[list[str], list[str]]:
     """(ids, tiers) of the master CSV, refusing anything the plan cannot be exact about."""
-    if MASTER_ID not in master.columns or MASTER_TIER not in master.columns:
+    if MASTER_ID not in master or MASTER_TIER not in master:
         raise ValueError(f"master CSV needs columns {MASTER_ID!r} and {MASTER_TIER!r}")
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
@@ -250,8 +228,8 @@ def _fate(state: tuple[str | None, bool] | None, tier: str, groups: GroupMap) ->
 
 
 def plan_moves(
-    master: pd.DataFrame,
-    current: pd.DataFrame,
+    master: Master,
+    current: pd.DataFrame | Mapping[str, LiveState],
     groups: GroupMap,
     rules: TierRules,
     *,
@@ -260,8 +238,9 @@ def plan_moves(
 ) -> Plan:
     """Every customer's fate, per tier-rules.md "Which customers the sync may move".
 
-    ``master`` is the run's master CSV (read with ``keep_default_na=False`` so tier "None" stays a
-    string); ``current`` holds the live customers (``id``, ``customer_group_id``, ``deleted_at``,
+    ``master`` is the run's master CSV, column -> cells (`spreadsheet.read_raw_columns`) or a frame
+    read with ``keep_default_na=False`` (tier "None" stays a string); ``current`` holds the live
+    customers (`live.LiveCustomers`, or a frame: ``id``, ``customer_group_id``, ``deleted_at``,
     optionally ``version``; the newest version per id is used). Checks, first match wins:
     not in live data -> missing; deleted -> deleted; tier None -> no_tier; current group not
     managed -> protected; current group is the tier's group -> unchanged (a move when

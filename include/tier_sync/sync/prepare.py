@@ -6,6 +6,7 @@ Only the latest run writes to the POS; that rule is the run ledger's (`ledger.is
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from include.tier_sync.rules import TierRules
     from include.tier_sync.sync.contracts import BatchRef, PlanSummary
     from include.tier_sync.sync.groups import GroupMap
+    from include.tier_sync.sync.live import LiveState
+    from include.tier_sync.sync.plan import Master
 
 
 def decide_writes(
@@ -57,8 +60,8 @@ def decide_writes(
 
 def prepare_sync(
     client: LightspeedClient,
-    master: pd.DataFrame,
-    current: pd.DataFrame,
+    master: Master,
+    current: pd.DataFrame | Mapping[str, LiveState],
     rules: TierRules,
     paths: RunPaths,
     *,
@@ -74,6 +77,9 @@ def prepare_sync(
     calls_per_batch: int = CALLS_PER_BATCH,
 ) -> list[BatchRef]:
     """The plan_sync task: groups, plan, breaker, batch files, plan.json; returns refs to map over.
+
+    ``master`` and ``current`` as `plan_moves` takes them (plain columns and live customers from
+    the task; DataFrames from older callers and tests).
 
     Returns [] (so the mapped write task is skipped) when writes are not allowed; the batch files
     are still written, as the record of what would have been sent. When the breaker trips on a
@@ -150,7 +156,7 @@ def prepare_sync(
     return [{**ref, "writes_allowed": dispatched} for ref in refs] if writes_allowed else []
 
 
-def tier_group_members(current: pd.DataFrame, groups: GroupMap) -> dict[str, list[str]]:
+def tier_group_members(current: pd.DataFrame | Mapping[str, LiveState], groups: GroupMap) -> dict[str, list[str]]:
     """Tier group id -> its live members in the plan's customer data (the state at the plan's cursor).
 
     The group check starts from this and reads only the customers feed since the cursor, instead

@@ -18,8 +18,9 @@ adds the `progress` section to the sync log and updates the state file.
   plan (breaker, refused approval) plans and logs but writes nothing.
 
 Files (the only place their names are spelled): ``runs/<key>/till_progress/plan.json``,
-``batch-NNNN.json`` with ``.result.json`` / ``.progress.json`` beside each. pandas is imported
-only inside `plan_progress`'s helpers; the finish step imports none.
+``batch-NNNN.json`` with ``.result.json`` / ``.progress.json`` beside each. The plan takes the
+master's columns and the live customers (`sync/live.py`) and imports no pandas (a DataFrame given
+instead is read with it); the finish step imports none.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from include.tier_sync.ledger import RunPaths
     from include.tier_sync.rules import TierRules
     from include.tier_sync.sync.groups import GroupMap
+    from include.tier_sync.sync.live import LiveCustomers, LiveState
+    from include.tier_sync.sync.plan import Master
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ PROGRESS_SUFFIX = ".progress.json"
 BATCH_SIZE = 250  # customers per mapped instance: about 500 requests (GET + PUT each)
 MAX_BATCHES = 256
 COUNTS = ("written", "unchanged", "skipped_protected", "skipped_deleted", "failed")
+# The master's columns `wanted_texts` reads (plan_progress reads only these).
+MASTER_COLUMNS = ("Customer ID", "Tier", "Lifetime Value", "Order Count", "Purchases Last 30 Days", "Loyalty Member")
 
 
 class ProgressFailed(RuntimeError):
@@ -110,31 +115,29 @@ def write_state(paths: RunPaths, field: str, customers: Mapping[str, Mapping[str
 # -- plan ----------------------------------------------------------------------------------------
 
 
-def wanted_texts(master: pd.DataFrame, rules: TierRules) -> dict[str, str]:
+def wanted_texts(master: Master, rules: TierRules) -> dict[str, str]:
     """customer id -> progress text, from the master CSV's figures (its tier is checked, not trusted)."""
     from include.tier_sync.explain import progress_text
     from include.tier_sync.money import to_cents
-    from include.tier_sync.rules import assign_tiers
+    from include.tier_sync.rules import tier_for
 
     ids, tiers = [str(v) for v in master["Customer ID"]], [str(v) for v in master["Tier"]]
     ltv = [to_cents(v) for v in master["Lifetime Value"]]
     orders, window = [int(v) for v in master["Order Count"]], [int(v) for v in master["Purchases Last 30 Days"]]
     loyal = [str(v).strip().lower() == "true" for v in master["Loyalty Member"]]
-    wrong = [cid for cid, t, ok in zip(ids, tiers, assign_tiers(ltv, orders, window, loyal, rules), strict=True)
-             if t != str(ok)]
+    wrong = [cid for cid, t, c, n, w, m in zip(ids, tiers, ltv, orders, window, loyal, strict=True)
+             if t != tier_for(c, n, w, m, rules)]
     if wrong:
         raise ValueError(f"master CSV: the tier of {len(wrong)} customers (e.g. {wrong[0]}) does not follow from their figures")
     rows = zip(ids, tiers, ltv, orders, window, loyal, strict=True)
     return {cid: progress_text(t, c, n, w, m, rules) for cid, t, c, n, w, m in rows}
 
 
-def _live(current: pd.DataFrame) -> dict[str, tuple[str | None, bool, int]]:
+def _live(current: pd.DataFrame | Mapping[str, LiveState]) -> LiveCustomers:
     """id -> (group or None, deleted, version) of the newest extracted version of each customer."""
-    from include.tier_sync.sync.plan import current_groups, live_customers
+    from include.tier_sync.sync.live import as_live
 
-    frame = live_customers(current)
-    versions = dict(zip(frame["id"].astype(str), frame["version"].astype("int64"), strict=True))
-    return {cid: (group, deleted, int(versions[cid])) for cid, (group, deleted) in current_groups(frame).items()}
+    return as_live(current)
 
 
 def _sort(texts: Mapping[str, str], live: Mapping[str, tuple[str | None, bool, int]], groups: GroupMap,
@@ -171,7 +174,7 @@ def _sync_decision(paths: RunPaths) -> tuple[Mapping[str, Any], bool, str | None
     return doc, writes, reason
 
 
-def plan_progress(paths: RunPaths, master: pd.DataFrame, current: pd.DataFrame, rules: TierRules, *,
+def plan_progress(paths: RunPaths, master: Master, current: pd.DataFrame | Mapping[str, LiveState], rules: TierRules, *,
                   field: str, dry_run: bool = False) -> list[dict[str, Any]]:
     """The plan_progress step: texts, who changed, batch files and plan.json; refs to map over
     ([] when nothing is to be written or this run may not write)."""

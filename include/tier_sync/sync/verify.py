@@ -32,16 +32,15 @@ from include.tier_sync.sync.plan import MASTER_ID, MASTER_TIER
 from include.tier_sync.sync.write import GroupDeletedError, read_customer_changes
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from include.tier_sync.ledger import RunPaths
     from include.tier_sync.lightspeed import LightspeedClient
     from include.tier_sync.sync.groups import GroupMap
+    from include.tier_sync.sync.plan import Master
 
 log = logging.getLogger(__name__)
 
 
-def _expected_from_master(master: pd.DataFrame) -> dict[str, list[str]]:
+def _expected_from_master(master: Master) -> dict[str, list[str]]:
     """Tier -> every master row with that tier (when the plan's expected members are unknown)."""
     return {
         t: [str(c) for c, tier in zip(master[MASTER_ID], master[MASTER_TIER], strict=True) if str(tier) == t]
@@ -176,7 +175,7 @@ def _tier_count(
 
 def verify_group_counts(
     client: LightspeedClient,
-    master: pd.DataFrame,
+    master: Master,
     groups: GroupMap,
     *,
     expected_members: Mapping[str, Iterable[str]] | None = None,
