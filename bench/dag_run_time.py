@@ -34,21 +34,33 @@ if str(REPO) not in sys.path:
 
 DAG_ID = "customer_tier_sync"
 TOKEN = "demo-store-token"  # the simulator's token for the demo store; not a real secret
-# What each task's function imports (include/tier_sync/tasks.py), timed in a fresh interpreter.
+# What each task's function imports of ours (include/tier_sync/tasks.py), timed in a fresh
+# interpreter. Modules that only add Airflow (artifacts, run_alerts, alerts; approval, the
+# approve_sync operator's own module), which the task process has loaded already, are left out.
 TASK_IMPORTS = {
-    "extract_orders": "include.tier_sync.extract, include.tier_sync.store",
+    "extract_orders": "include.tier_sync.extract, include.tier_sync.store, include.tier_sync.sync.live",
     "compute_tiers": "include.tier_sync.clv, include.tier_sync.master_csv, include.tier_sync.store",
     "validate_tiers": "include.tier_sync.validation",
-    "plan_sync": "include.tier_sync.master_csv, include.tier_sync.store, include.tier_sync.sync.prepare",
+    "plan_sync": "include.tier_sync.spreadsheet, include.tier_sync.sync.live, include.tier_sync.sync.prepare",
+    "approve_sync": "include.tier_sync.spreadsheet, include.tier_sync.sync.live, include.tier_sync.sync.prepare",
     "sync_batch": "include.tier_sync.sync.write",
-    "write_sync_log": "include.tier_sync.sync.log, include.tier_sync.sync.verify",
+    "verify_group_counts": "include.tier_sync.spreadsheet, include.tier_sync.sync.log, include.tier_sync.sync.verify",
+    "plan_progress": "include.tier_sync.spreadsheet, include.tier_sync.sync.live, include.tier_sync.sync.progress",
+    "progress_batch": "include.tier_sync.sync.progress_write",
+    "write_sync_log": "include.tier_sync.sync.log, include.tier_sync.sync.progress, include.tier_sync.sync.verify",
 }
+HEAVY = ("pandas", "pyarrow", "numpy")
 
 
-def import_seconds(modules: str) -> float:
-    code = f"import time; t = time.perf_counter(); import {modules}; print(time.perf_counter() - t)"
+def import_seconds(modules: str) -> tuple[float, list[str]]:
+    """Seconds to import `modules` in a fresh interpreter, and the heavy libraries that pulled in."""
+    code = (
+        f"import sys, time; t = time.perf_counter(); import {modules}; d = time.perf_counter() - t; "
+        f"print(d, ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds, _, heavy = out.stdout.strip().splitlines()[-1].partition(" ")
+    return float(seconds), [m for m in heavy.split(",") if m]
 
 
 def parse_ts(value: str | None) -> float | None:
@@ -132,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  work, per task (duration in the metadata DB, {len(spans)} task instances):")
     for task in sorted(work, key=lambda t: -work[t]):
         imports = TASK_IMPORTS.get(task)
-        cost = f"; its imports alone {import_seconds(imports):.2f} s (fresh interpreter)" if imports else ""
+        cost = ""
+        if imports:
+            seconds, heavy = import_seconds(imports)
+            cost = f"; its imports alone {seconds:.2f} s (fresh interpreter; {', '.join(heavy) or 'no pandas/pyarrow/numpy'})"
         print(f"    {task:22} {work[task]:6.2f} s over {count[task]} instance(s){cost}")
     print(f"files under {tmp}")
     return 0
