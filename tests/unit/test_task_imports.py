@@ -92,8 +92,10 @@ def test_the_log_verify_and_prune_tasks_import_nothing_heavy() -> None:
 
 
 TASKS_SCRIPT = r"""
-import json, os, sys
+import json, logging, os, sys
 from datetime import UTC, datetime, timedelta
+
+logging.basicConfig(level=logging.INFO)  # the parent reads the log: the plan must not say it read the store
 
 HEAVY = ("pandas", "numpy", "pyarrow")
 data_dir, base_url, token = sys.argv[1:4]
@@ -161,4 +163,5 @@ def test_every_task_from_plan_sync_on_imports_nothing_heavy_on_a_real_run(real_r
     assert out["group_check"] is True and out["log"] == {"synced": True, "group_counts_match": True}
     assert out["progress"] and out["written"] == sum(out["progress"]) > 0
     assert len(out["steps"]) == 8
+    assert "Sync plan: " in proc.stderr  # the log is read here, so the next line can fail
     assert "Live customers read from the order store" not in proc.stderr  # the file was used
