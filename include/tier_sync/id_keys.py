@@ -11,9 +11,9 @@ not fixed-width) falls back to Arrow's hash of the strings themselves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,8 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 _PARALLEL_ROWS = 1 << 20
 _STEP_ROWS = 1 << 20  # rows per step of a scan that needs a temporary per row
 _U64 = np.dtype(np.uint64)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Words:
@@ -90,7 +92,7 @@ class Words:
         chunks are hashed on both cores when there are millions of rows (numpy frees the GIL)."""
         out = np.empty(int(self.starts[-1]), dtype=np.uint64)
 
-        def hash_part(p: int) -> None:
+        def hash_part(p: int) -> None:  # writes its rows of `out`
             part, lo = self.parts[p], int(self.starts[p])
             h = out[lo : lo + len(part[0])]
             h[:] = 0
@@ -181,32 +183,22 @@ def repeated(arr: pa.Array | pa.ChunkedArray) -> tuple[I64, I64, int]:
 def _repeated_hashes(h: I64) -> I64:
     """The values that occur more than once in `h`, each once, ascending. Negative and
     non-negative hashes cannot be equal, so the two sides are sorted apart, one per core."""
-    sides = [h[h < 0], h[h >= 0]] if len(h) >= _PARALLEL_ROWS else [h]
+    sides = [h[h < 0], h[h >= 0]] if len(h) >= _PARALLEL_ROWS else [h.copy()]  # copies: sorted in place
 
     def repeats(side: I64) -> I64:
-        if side is h:
-            ordered = np.sort(h)  # h itself is needed afterwards
-        else:
-            ordered = side  # a copy already: sorted in place
-            ordered.sort()
-        same = ordered[1:] == ordered[:-1]
-        dup = ordered[1:][same]
+        side.sort()
+        dup = side[1:][side[1:] == side[:-1]]
         return dup[np.concatenate(([True], dup[1:] != dup[:-1]))] if len(dup) else dup  # each once
 
-    if len(sides) == 1:
-        return repeats(sides[0])
-    with ThreadPoolExecutor(2) as pool:
-        return np.concatenate(list(pool.map(repeats, sides)))
+    return np.concatenate(_on_both_cores(repeats, sides, len(h)))
 
 
-def _on_both_cores(work: Callable[[int], None], items: range, rows: int) -> None:
-    """work(i) for every item, on two threads when the column is large (numpy frees the GIL)."""
+def _on_both_cores(work: Callable[[T], R], items: Sequence[T], rows: int) -> list[R]:
+    """[work(item) for item in items], on two threads when the column is large (numpy frees the GIL)."""
     if rows < _PARALLEL_ROWS or len(items) < 2:
-        for i in items:
-            work(i)
-        return
+        return [work(item) for item in items]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(work, items))
+        return list(pool.map(work, items))
 
 
 def _rows_of(h: I64, wanted: I64) -> tuple[I64, I64]:
@@ -230,14 +222,11 @@ def _marked_rows(h: I64, table: npt.NDArray[np.bool_], shift: np.uint64) -> I64:
     """The rows whose hash's top bits are marked in `table`, ascending; a million rows at a time
     (no whole-column temporary), on both cores when there are millions."""
     step = _STEP_ROWS
-    starts = range(0, len(h), step)
-    found: list[I64] = [np.zeros(0, dtype=np.int64)] * len(starts)
 
-    def scan(i: int) -> None:
-        lo = starts[i]
-        found[i] = np.flatnonzero(table[h[lo : lo + step].view(np.uint64) >> shift]) + lo
+    def scan(lo: int) -> I64:
+        return np.flatnonzero(table[h[lo : lo + step].view(np.uint64) >> shift]) + lo
 
-    _on_both_cores(scan, range(len(starts)), len(h))
+    found = _on_both_cores(scan, range(0, len(h), step), len(h))
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 

@@ -516,7 +516,7 @@ def compute_tiers(
         earlier = pool.submit(_previous_master, paths)
         metrics = _metrics(store, as_of, rules)
         prev_url, previous = earlier.result()
-    release_freed_memory()  # the sales table and the engine's temporaries are gone: before the CSVs
+    release_freed_memory()  # the per-customer figures' temporaries are gone too: before the CSVs
     master = build_master(metrics, previous, as_of)
     with ThreadPoolExecutor(1) as pool:  # the master is formatted and written while the changes are worked out
         written = pool.submit(lambda: fileio.write_bytes(paths.run_master_csv, to_csv_bytes(master)))

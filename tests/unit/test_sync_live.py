@@ -27,7 +27,6 @@ from include.tier_sync.store import OrderStore
 from include.tier_sync.sync import live
 from include.tier_sync.sync.groups import resolve_groups
 from include.tier_sync.sync.plan import plan_moves
-from include.tier_sync.sync.progress import _live
 from tests.unit.test_sync_against_simulator import client_for
 from tools.lightspeed_sim.demo import generate_demo_store
 from tools.lightspeed_sim.testing import clock_after, running_simulator
@@ -132,7 +131,7 @@ def test_the_plan_from_the_file_equals_the_store_fallback_and_the_frames(
     assert plan_moves(master, fallback, groups, rules) == plan
     frames = plan_moves(read_csv_str(paths.run_master_csv), store.read("customers"), groups, rules)
     assert frames == plan  # what the task planned from DataFrames before
-    assert _live(store.read("customers")) == from_file  # plan_progress's view, too
+    assert live.as_live(store.read("customers")) == from_file  # plan_progress's view (it calls as_live), too
 
 
 def test_no_file_falls_back_to_the_store_and_says_why(sim_run: Any, caplog: pytest.LogCaptureFixture) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from include.tier_sync import fileio
 from include.tier_sync.runtime import iso
 from include.tier_sync.sync.contracts import FORMAT_VERSION, format_version_of, sum_api
+from include.tier_sync.sync.live import as_live
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from include.tier_sync.ledger import RunPaths
     from include.tier_sync.rules import TierRules
     from include.tier_sync.sync.groups import GroupMap
-    from include.tier_sync.sync.live import LiveCustomers, LiveState
+    from include.tier_sync.sync.live import LiveState
     from include.tier_sync.sync.plan import Master
 
 log = logging.getLogger(__name__)
@@ -133,13 +134,6 @@ def wanted_texts(master: Master, rules: TierRules) -> dict[str, str]:
     return {cid: progress_text(t, c, n, w, m, rules) for cid, t, c, n, w, m in rows}
 
 
-def _live(current: pd.DataFrame | Mapping[str, LiveState]) -> LiveCustomers:
-    """id -> (group or None, deleted, version) of the newest extracted version of each customer."""
-    from include.tier_sync.sync.live import as_live
-
-    return as_live(current)
-
-
 def _sort(texts: Mapping[str, str], live: Mapping[str, tuple[str | None, bool, int]], groups: GroupMap,
           state: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Who needs a write (customer_id, text), and the counts of everyone else."""
@@ -182,7 +176,7 @@ def plan_progress(paths: RunPaths, master: Master, current: pd.DataFrame | Mappi
 
     doc, writes, reason = _sync_decision(paths)
     groups = GroupMap.from_dict(doc["groups"])
-    todo, counts = _sort(wanted_texts(master, rules), _live(current), groups, read_state(paths, field))
+    todo, counts = _sort(wanted_texts(master, rules), as_live(current), groups, read_state(paths, field))
     plan_id = uuid.uuid4().hex
     size = max(BATCH_SIZE, math.ceil(len(todo) / MAX_BATCHES))
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)] if writes else []
