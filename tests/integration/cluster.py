@@ -153,6 +153,19 @@ class DagRunRow:
     conf: dict[str, Any] | None
 
 
+# Airflow 3.3.2 race: an answer within about a second of a HITL task parking (AWAITING_INPUT)
+# resumes it before the scheduler has processed the parked workload's executor event, which then
+# reads as "finished while queued" and fails the task (no person answers that fast). Every test
+# that answers approve_sync waits this long after seeing it park (seen on fresh clones in
+# test_approval and test_make_up).
+HITL_SETTLE_S = 5.0
+
+
+def settle_before_answering() -> None:
+    """Wait out the race above after a HITL task was seen awaiting input, before answering it."""
+    time.sleep(HITL_SETTLE_S)
+
+
 def wait_until(
     condition: Callable[[], T | None],
     *,

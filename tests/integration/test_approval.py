@@ -21,7 +21,6 @@ import contextlib
 import copy
 import email
 import json
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests import oracle
-from tests.integration.cluster import AirflowCluster, free_port, postgres_unavailable_reason, wait_until
+from tests.integration.cluster import (
+    AirflowCluster,
+    free_port,
+    postgres_unavailable_reason,
+    settle_before_answering,
+    wait_until,
+)
 from tests.integration.test_scheduler import TOKEN, Deployment, Pos, demo_store
 from tools.lightspeed_sim.testing import running_simulator
 
@@ -48,7 +53,6 @@ pytestmark = [
 DAG_ID = "customer_tier_sync"
 TASK = "approve_sync"
 RUN_TIMEOUT = 300
-SETTLE_S = 5.0  # after approve_sync parks, before answering (see wait_for_question)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "approval"
 TIER_OF_GROUP = {name: tier for tier, name in oracle.GROUPS.items()}
 TIER_ORDER = list(oracle.GROUPS)  # highest first
@@ -79,10 +83,7 @@ class Setup:
 
         wait_until(asking, timeout=timeout, what=f"{TASK} of {run_id} to await input", interval=2,
                    diagnostics=lambda: self.deployment.diagnose(run_id))
-        # Airflow 3.3.2 race: an answer within about a second of the task parking resumes it before
-        # the scheduler has processed the parked workload's executor event, which then reads as
-        # "finished while queued" and fails the task (no person answers that fast). Let it settle.
-        time.sleep(SETTLE_S)
+        settle_before_answering()  # Airflow 3.3.2's HITL race (cluster.HITL_SETTLE_S)
         detail: dict[str, Any] = self.cluster.api("GET", self.hitl_path(run_id))
         return detail
 

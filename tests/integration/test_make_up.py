@@ -26,6 +26,7 @@ import psutil
 import pytest
 import requests
 
+from tests.integration.cluster import settle_before_answering
 from tools import up as up_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,6 +147,7 @@ def test_make_up_and_down(state: Path, tmp_path: Path) -> None:
     assert detail, f"the first sync never asked: {get(f'/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances')}"
     assert detail["subject"].startswith("Approve the tier sync") and "Apply all" in detail["options"]
     assert requests.get(link, timeout=30).status_code == 200  # the UI route `up` prints
+    settle_before_answering()  # Airflow 3.3.2's HITL race (cluster.HITL_SETTLE_S)
     answered = requests.patch(f"{url}/api/v2{hitl}", headers=h, timeout=30,
                               json={"chosen_options": ["Apply all"], "params_input": {"comment": "make up test"}})
     assert answered.status_code == 200, answered.text[:300]
